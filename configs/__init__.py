@@ -1,0 +1,1 @@
+"""uniloop.configs."""

@@ -1,0 +1,430 @@
+"""Janus / Janus-Pro as an RL policy: sampling with log-probs, teacher forcing, LoRA, decode.
+
+HF `generate(generation_mode="image")` returns tokens only, so image sampling is written here:
+a KV-cached decode over the doubled classifier-free-guidance batch, recording for every sampled
+token its log-prob under the guided distribution (what was sampled from) and under the conditional
+branch alone. Teacher forcing recomputes either with gradients; on the same weights the two agree
+to float precision, which is what makes the first PPO/GRPO ratio exactly 1.
+
+Randomness is drawn per sample from a seed the caller gives (see `rollouts.worker.sample_seed`)
+and turned into tokens by inverse-CDF sampling, so a sample's tokens do not depend on which batch,
+worker or device it was drawn in.
+"""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .batches import ImageRollout, TextRollout
+
+LORA_TARGET_REGEX = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)"
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in _DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; use one of {sorted(_DTYPES)}")
+    return _DTYPES[name]
+
+
+def uniforms_for(seeds: list[int], length: int, device) -> torch.Tensor:
+    """One row of `length` uniforms per seed; the row depends on its seed alone."""
+    rows = [torch.rand(length, generator=torch.Generator().manual_seed(int(s)), dtype=torch.float64)
+            for s in seeds]
+    return torch.stack(rows).to(device)
+
+
+def filter_top_k(logits: torch.Tensor, top_k: int) -> torch.Tensor:
+    if top_k and 0 < top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return logits
+
+
+def inverse_cdf_sample(logprobs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Token whose CDF interval contains u (u in [0,1)); greedy when u is None."""
+    cdf = logprobs.double().exp().cumsum(-1)
+    idx = torch.searchsorted(cdf, (u * cdf[..., -1]).unsqueeze(-1)).squeeze(-1)
+    return idx.clamp_(max=logprobs.shape[-1] - 1)
+
+
+def guided_logits(cond: torch.Tensor, uncond: torch.Tensor | None, cfg_scale: float) -> torch.Tensor:
+    if uncond is None:
+        return cond
+    return uncond + cfg_scale * (cond - uncond)
+
+
+def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    # Left padding: real tokens get positions 0..n-1 whatever the padding, as in HF generate.
+    return (mask.long().cumsum(-1) - 1).clamp_(min=0)
+
+
+class JanusPolicy:
+    """A Janus checkpoint (hub id or local directory) wrapped for RL."""
+
+    def __init__(self, model, processor, device="cpu", dtype=torch.float32):
+        self.model = model  # JanusForConditionalGeneration, or a PeftModel around it
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.version = 0  # adapter version, bumped by whoever loads new adapter weights
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path, dtype="float32", device="cpu",
+                        quantization: str | None = None, attn_implementation: str | None = None):
+        """Load by hub id (`deepseek-community/Janus-Pro-1B`) or local directory: one code path."""
+        from transformers import JanusForConditionalGeneration, JanusProcessor
+
+        dtype = resolve_dtype(dtype)
+        kwargs = {"dtype": dtype}
+        if attn_implementation:
+            kwargs["attn_implementation"] = attn_implementation
+        if quantization == "4bit":
+            from transformers import BitsAndBytesConfig
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
+                # Full module paths: transformers 5.x matches these from the start of the name
+                # (a bare "vision_model" would quantize SigLIP, the aligners and the image head too).
+                llm_int8_skip_modules=["model.vision_model", "model.vqmodel", "model.generation_head",
+                                       "model.generation_embeddings", "model.generation_aligner",
+                                       "model.aligner", "lm_head"])
+            kwargs["device_map"] = {"": str(device)}
+        elif quantization:
+            raise ValueError(f"quantization must be null or '4bit', got {quantization!r}")
+        processor = JanusProcessor.from_pretrained(str(name_or_path))
+        model = JanusForConditionalGeneration.from_pretrained(str(name_or_path), **kwargs)
+        if not quantization:
+            model.to(device)
+        model.eval()
+        model.requires_grad_(False)
+        return cls(model, processor, device=device, dtype=dtype)
+
+    # ------------------------------------------------------------------ structure
+    @property
+    def janus(self):
+        """The JanusForConditionalGeneration inside (adapters, if any, are injected in it)."""
+        return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+
+    @property
+    def has_adapter(self) -> bool:
+        return hasattr(self.model, "peft_config")
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self.janus.model.vision_model.config.num_image_tokens
+
+    @property
+    def image_size(self) -> int:
+        return self.janus.config.vision_config.image_size
+
+    def add_lora(self, r=16, alpha=32, dropout=0.0, target_modules=LORA_TARGET_REGEX, init="gaussian_zero"):
+        """LoRA on the language model only (a plain q_proj/v_proj list would also hit SigLIP)."""
+        from peft import LoraConfig, get_peft_model
+
+        if self.has_adapter:
+            raise RuntimeError("this policy already has an adapter")
+        if getattr(self.janus, "is_loaded_in_4bit", False):
+            from peft import prepare_model_for_kbit_training
+            self.model = prepare_model_for_kbit_training(self.model, use_gradient_checkpointing=False)
+        config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
+                            init_lora_weights=True)
+        self.model = get_peft_model(self.model, config)
+        return self
+
+    def load_adapter(self, path: str | Path, trainable: bool = True):
+        """Attach a saved PEFT adapter (standard `adapter_config.json` + safetensors)."""
+        from peft import PeftModel
+
+        self.model = PeftModel.from_pretrained(self.model, str(path), is_trainable=trainable)
+        self.model.to(self.device)
+        return self
+
+    def trainable_parameters(self):
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        from peft import get_peft_model_state_dict
+        return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(self.model).items()}
+
+    def set_adapter_state_dict(self, state: dict[str, torch.Tensor], version: int | None = None):
+        from peft import set_peft_model_state_dict
+        result = set_peft_model_state_dict(self.model, state)
+        unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
+        if unexpected:
+            raise ValueError(f"adapter tensors do not fit this policy: {unexpected[:3]}...")
+        if version is not None:
+            self.version = version
+
+    def save_adapter(self, path: str | Path):
+        self.model.save_pretrained(str(path))
+
+    def reference(self):
+        """Context in which the model is the frozen base: the adapter disabled (no second copy)."""
+        return self.model.disable_adapter() if self.has_adapter else contextlib.nullcontext()
+
+    def gradient_checkpointing(self, enable: bool = True):
+        lm = self.janus.model.language_model
+        if enable:
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if self.has_adapter:
+                self.model.enable_input_require_grads()
+        else:
+            lm.gradient_checkpointing_disable()
+
+    # ------------------------------------------------------------------ prompts
+    def _chat(self, content, image: bool) -> str:
+        if getattr(self.processor, "chat_template", None):
+            parts = ([{"type": "image"}] if image else []) + [{"type": "text", "text": content}]
+            return self.processor.apply_chat_template(
+                [{"role": "user", "content": parts}], add_generation_prompt=True, tokenize=False)
+        prefix = "<image_placeholder>\n" if image else ""
+        return f"<|User|>: {prefix}{content}\n\n<|Assistant|>:"
+
+    def encode_generation_prompts(self, prompts: list[str]):
+        texts = [self._chat(p, image=False) for p in prompts]
+        enc = self.processor(text=texts, generation_mode="image", padding=True, return_tensors="pt")
+        return enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
+
+    def unconditional_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """CFG's unconditional prompt: every token but BOS and <begin_of_image> becomes pad."""
+        tok = self.tokenizer
+        keep = (ids == tok.bos_token_id) | (ids == tok.convert_tokens_to_ids(tok.boi_token))
+        return ids.masked_fill(~keep, tok.pad_token_id)
+
+    # ------------------------------------------------------------------ images
+    def _embed(self, ids):
+        return self.janus.get_input_embeddings()(ids)
+
+    def _image_token_embeds(self, tokens):
+        return self.janus.prepare_embeddings_for_image_generation(tokens)
+
+    def _lm(self, **kw):
+        return self.janus.model.language_model(**kw)
+
+    @torch.no_grad()
+    def sample_images(self, prompts: list[str], seeds: list[int], cfg_scale: float = 5.0,
+                      temperature: float = 1.0, top_k: int = 0, group_ids=None, targets=None,
+                      decode: bool = True, sampler: str = "auto") -> ImageRollout:
+        """One image per entry of `prompts` (repeat a prompt for a group), seeded per sample.
+
+        temperature 0 = greedy. `cfg_scale <= 1` runs the conditional branch alone.
+        `sampler`: "auto" (fast static-cache/CUDA-graph sampler on CUDA, plain loop elsewhere),
+        "plain" or "fast" (policies/fast_sampler.py); both give the same tokens and log-probs.
+        """
+        from .fast_sampler import choose_sampler, fast_sampler_for
+
+        B = len(prompts)
+        ids, mask = self.encode_generation_prompts(prompts)
+        if choose_sampler(sampler, self.device) == "fast":
+            tokens, lp_cfg, lp_cond = fast_sampler_for(self).sample(ids, mask, seeds, cfg_scale, temperature, top_k)
+        else:
+            tokens, lp_cfg, lp_cond = self._sample_tokens_plain(ids, mask, seeds, cfg_scale, temperature, top_k)
+        images = self.decode(tokens) if decode else torch.zeros(B, 0, 0, 3)
+        return ImageRollout(
+            prompts=list(prompts), prompt_ids=ids.cpu(), prompt_mask=mask.cpu(), image_tokens=tokens.cpu(),
+            logprobs_cfg=lp_cfg.cpu(), logprobs_cond=lp_cond.cpu(), images=images.cpu(),
+            group_ids=torch.as_tensor(group_ids if group_ids is not None else range(B)).long(),
+            targets=list(targets or []), version=self.version, cfg_scale=float(cfg_scale),
+            temperature=float(temperature), top_k=int(top_k))
+
+    def _sample_tokens_plain(self, ids, mask, seeds, cfg_scale, temperature, top_k):
+        """The reference sampler: transformers' language model step by step with a DynamicCache."""
+        from transformers import DynamicCache
+
+        B, T = ids.shape[0], self.num_image_tokens
+        use_cfg = cfg_scale > 1.0
+        if use_cfg:
+            ids2, mask2 = torch.cat([ids, self.unconditional_ids(ids)]), mask.repeat(2, 1)
+        else:
+            ids2, mask2 = ids, mask
+        u = uniforms_for(seeds, T, self.device) if temperature > 0 else None
+        tokens = torch.empty(B, T, dtype=torch.long, device=self.device)
+        lp_cfg = torch.empty(B, T, dtype=torch.float32, device=self.device)
+        lp_cond = torch.empty_like(lp_cfg)
+        cache = DynamicCache()
+        pos = positions_from_mask(mask2)
+        out = self._lm(inputs_embeds=self._embed(ids2), attention_mask=mask2, position_ids=pos,
+                       past_key_values=cache, use_cache=True)
+        next_pos = pos[:, -1:] + 1
+        for t in range(T):
+            logits = self.janus.model.generation_head(out.last_hidden_state[:, -1]).float()
+            cond, uncond = (logits[:B], logits[B:]) if use_cfg else (logits, None)
+            temp = temperature if temperature > 0 else 1.0
+            guided = F.log_softmax(filter_top_k(guided_logits(cond, uncond, cfg_scale) / temp, top_k), -1)
+            tok = inverse_cdf_sample(guided, u[:, t]) if u is not None else guided.argmax(-1)
+            tokens[:, t] = tok
+            lp_cfg[:, t] = guided.gather(-1, tok[:, None]).squeeze(-1)
+            lp_cond[:, t] = F.log_softmax(cond / temp, -1).gather(-1, tok[:, None]).squeeze(-1)
+            if t == T - 1:
+                break
+            step_tok = torch.cat([tok, tok]) if use_cfg else tok
+            mask2 = torch.cat([mask2, mask2.new_ones(mask2.shape[0], 1)], 1)
+            out = self._lm(inputs_embeds=self._image_token_embeds(step_tok[:, None]), attention_mask=mask2,
+                           position_ids=next_pos, past_key_values=cache, use_cache=True)
+            next_pos = next_pos + 1
+        return tokens, lp_cfg, lp_cond
+
+    @torch.no_grad()
+    def decode(self, tokens: torch.Tensor, chunk: int = 16) -> torch.Tensor:
+        """VQ tokens (B, T) -> images (B, H, W, 3) in [0, 1]."""
+        outs = []
+        for i in range(0, tokens.shape[0], chunk):
+            px = self.janus.decode_image_tokens(tokens[i:i + chunk].to(self.device))
+            outs.append(((px.float() + 1) / 2).clamp_(0, 1))
+        return torch.cat(outs)
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (B, H, W, 3) in [0, 1] at the VQ resolution -> VQ tokens (B, T)."""
+        px = (images.permute(0, 3, 1, 2).to(self.device, self.dtype) * 2 - 1)
+        return self.janus.model.vqmodel.encode(px).image_tokens.view(images.shape[0], -1)
+
+    def image_logprobs(self, prompt_ids, prompt_mask, image_tokens, mode: str = "cfg", cfg_scale: float = 5.0,
+                       temperature: float = 1.0, top_k: int = 0) -> torch.Tensor:
+        """Teacher-forced log-probs (B, T) of `image_tokens`, with gradients.
+
+        mode "conditional": the conditional branch only (T2I-R1 style);
+        mode "cfg": the guided distribution u + s(c - u), i.e. what CFG sampling draws from.
+        """
+        if mode not in ("cfg", "conditional"):
+            raise ValueError(f"logprob mode must be 'cfg' or 'conditional', got {mode!r}")
+        ids, mask, tokens = prompt_ids.to(self.device), prompt_mask.to(self.device), image_tokens.to(self.device)
+        B, L = ids.shape
+        use_cfg = mode == "cfg" and cfg_scale > 1.0
+        if use_cfg:
+            ids, mask, tokens = torch.cat([ids, self.unconditional_ids(ids)]), mask.repeat(2, 1), tokens.repeat(2, 1)
+        embeds = torch.cat([self._embed(ids), self._image_token_embeds(tokens[:, :-1])], 1)
+        full_mask = torch.cat([mask, mask.new_ones(mask.shape[0], tokens.shape[1] - 1)], 1)
+        h = self._lm(inputs_embeds=embeds, attention_mask=full_mask,
+                     position_ids=positions_from_mask(full_mask), use_cache=False).last_hidden_state
+        logits = self.janus.model.generation_head(h[:, L - 1:]).float()
+        temp = temperature if temperature > 0 else 1.0
+        if use_cfg:
+            logits = filter_top_k(guided_logits(logits[:B], logits[B:], cfg_scale) / temp, top_k)
+        else:
+            logits = logits / temp
+            if mode == "cfg":  # cfg mode without guidance: the sampler still applied top-k
+                logits = filter_top_k(logits, top_k)
+        return selective_log_softmax(logits, tokens[:B])
+
+    def rollout_logprobs(self, batch: ImageRollout | TextRollout, mode: str = "cfg") -> torch.Tensor:
+        """Teacher-forced log-probs for a rollout batch, aligned with `batch.logprobs(mode)`."""
+        if isinstance(batch, ImageRollout):
+            return self.image_logprobs(batch.prompt_ids, batch.prompt_mask, batch.image_tokens, mode=mode,
+                                       cfg_scale=batch.cfg_scale, temperature=batch.temperature, top_k=batch.top_k)
+        return self.text_logprobs(batch)
+
+    # ------------------------------------------------------------------ understanding
+    def encode_questions(self, images: torch.Tensor, questions: list[str]):
+        texts = [self._chat(q, image=True) for q in questions]
+        pix = [(im.clamp(0, 1) * 255).round().to(torch.uint8).permute(2, 0, 1).cpu() for im in images]
+        enc = self.processor(text=texts, images=pix, padding=True, return_tensors="pt")
+        return (enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device),
+                enc["pixel_values"].to(self.device, self.dtype))
+
+    @torch.no_grad()
+    def answer(self, images: torch.Tensor, questions: list[str], seeds: list[int], max_new_tokens: int = 16,
+               temperature: float = 1.0, group_ids=None, targets=None) -> TextRollout:
+        """Sample one answer per (image, question) with per-token log-probs. temperature 0 = greedy."""
+        from transformers import DynamicCache
+
+        B = len(questions)
+        ids, mask, pixel_values = self.encode_questions(images, questions)
+        eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
+        u = uniforms_for(seeds, max_new_tokens, self.device) if temperature > 0 else None
+        cache = DynamicCache()
+        pos = positions_from_mask(mask)
+        out = self.janus(input_ids=ids, pixel_values=pixel_values, attention_mask=mask, position_ids=pos,
+                         past_key_values=cache, use_cache=True, logits_to_keep=1)
+        answer = torch.full((B, max_new_tokens), pad, dtype=torch.long, device=self.device)
+        amask = torch.zeros(B, max_new_tokens, dtype=torch.long, device=self.device)
+        lps = torch.zeros(B, max_new_tokens, dtype=torch.float32, device=self.device)
+        done = torch.zeros(B, dtype=torch.bool, device=self.device)
+        next_pos, cur_mask = pos[:, -1:] + 1, mask
+        for t in range(max_new_tokens):
+            logp = F.log_softmax(self._suppress_specials(out.logits[:, -1].float())
+                                 / (temperature if temperature > 0 else 1.0), -1)
+            tok = inverse_cdf_sample(logp, u[:, t]) if u is not None else logp.argmax(-1)
+            tok = tok.masked_fill(done, pad)
+            answer[:, t] = tok
+            amask[:, t] = (~done).long()
+            lps[:, t] = logp.gather(-1, tok[:, None]).squeeze(-1).masked_fill(done, 0.0)
+            done = done | (tok == eos)
+            if bool(done.all()) or t == max_new_tokens - 1:
+                break
+            cur_mask = torch.cat([cur_mask, cur_mask.new_ones(B, 1)], 1)
+            out = self.janus(input_ids=tok[:, None], attention_mask=cur_mask, position_ids=next_pos,
+                             past_key_values=cache, use_cache=True)
+            next_pos = next_pos + 1
+        texts = self.tokenizer.batch_decode(answer.masked_fill(amask == 0, pad), skip_special_tokens=True)
+        return TextRollout(
+            prompts=list(questions), images=images.cpu().float(), prompt_ids=ids.cpu(), prompt_mask=mask.cpu(),
+            pixel_values=pixel_values.cpu(), answer_ids=answer.cpu(), answer_mask=amask.cpu(),
+            logprobs_sampled=lps.cpu(), answers=[s.strip() for s in texts],
+            group_ids=torch.as_tensor(group_ids if group_ids is not None else range(B)).long(),
+            targets=list(targets or []), version=self.version, temperature=float(temperature))
+
+    def _suppress_specials(self, logits: torch.Tensor) -> torch.Tensor:
+        """Answers may end with EOS but never contain other special tokens (an image placeholder in
+        an answer would break the next teacher-forced pass); sampling and teacher forcing both apply it."""
+        if not hasattr(self, "_special_ids"):
+            ids = set(self.tokenizer.all_special_ids) | {self.janus.config.image_token_id}
+            ids.discard(self.tokenizer.eos_token_id)
+            self._special_ids = torch.tensor(sorted(i for i in ids if i is not None and i < logits.shape[-1]))
+        logits = logits.clone()
+        logits[..., self._special_ids.to(logits.device)] = float("-inf")
+        return logits
+
+    def text_logprobs(self, batch: TextRollout) -> torch.Tensor:
+        """Teacher-forced log-probs (B, A) of the answer tokens, with gradients (0 where masked)."""
+        ids = torch.cat([batch.prompt_ids, batch.answer_ids], 1).to(self.device)
+        mask = torch.cat([batch.prompt_mask, batch.answer_mask], 1).to(self.device)
+        L, A = batch.prompt_ids.shape[1], batch.answer_ids.shape[1]
+        out = self.janus(input_ids=ids, pixel_values=batch.pixel_values.to(self.device, self.dtype),
+                         attention_mask=mask, position_ids=positions_from_mask(mask), use_cache=False)
+        temp = batch.temperature if batch.temperature > 0 else 1.0
+        logits = self._suppress_specials(out.logits[:, L - 1:L - 1 + A].float()) / temp
+        lp = selective_log_softmax(logits, batch.answer_ids.to(self.device))
+        return lp * batch.answer_mask.to(self.device)
+
+    def _word_ids(self, words):
+        ids = set()
+        for w in words:
+            enc = self.tokenizer.encode(w, add_special_tokens=False)
+            if enc and enc[0] != self.tokenizer.unk_token_id:
+                ids.add(enc[0])
+        return sorted(ids)
+
+    def yes_probability(self, images: torch.Tensor, questions: list[str], grad: bool = False) -> torch.Tensor:
+        """P(yes) / (P(yes) + P(no)) from the first answer token, per (image, question)."""
+        yes = self._word_ids(["yes", "Yes", " yes", " Yes", "YES"])
+        no = self._word_ids(["no", "No", " no", " No", "NO"])
+        if not yes or not no:
+            raise ValueError("the tokenizer has no single token for 'yes' / 'no'")
+        with torch.set_grad_enabled(grad):
+            ids, mask, pixel_values = self.encode_questions(images, questions)
+            logits = self.janus(input_ids=ids, pixel_values=pixel_values, attention_mask=mask,
+                                position_ids=positions_from_mask(mask), logits_to_keep=1).logits[:, -1].float()
+            lse_yes = logits[:, yes].logsumexp(-1)
+            lse_no = logits[:, no].logsumexp(-1)
+            return torch.sigmoid(lse_yes - lse_no)
+
+
+def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """log_softmax(logits).gather(index) without materialising the full log-softmax (TRL's)."""
+    try:
+        from trl.trainer.utils import selective_log_softmax as trl_sls
+    except Exception:  # pragma: no cover - trl is a hard dependency, this guards odd installs
+        return F.log_softmax(logits, -1).gather(-1, index.unsqueeze(-1)).squeeze(-1)
+    if torch.isinf(logits).any():  # top-k masked logits: TRL's fp32 path handles -inf fine, be safe
+        return F.log_softmax(logits, -1).gather(-1, index.unsqueeze(-1)).squeeze(-1)
+    return trl_sls(logits, index)

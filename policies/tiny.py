@@ -1,0 +1,198 @@
+"""Tiny, real Janus checkpoints built offline from config.
+
+The quickstart and the tests use these: a `JanusForConditionalGeneration` with a few hundred
+thousand random weights, a word-level tokenizer built with `tokenizers`, and a `JanusProcessor`,
+all written with `save_pretrained` so that they are loaded back through exactly the
+`from_pretrained` path a hub id such as `deepseek-community/Janus-Pro-1B` takes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+COLORS = {
+    "red": (1.0, 0.0, 0.0),
+    "green": (0.0, 1.0, 0.0),
+    "blue": (0.0, 0.0, 1.0),
+    "yellow": (1.0, 1.0, 0.0),
+    "cyan": (0.0, 1.0, 1.0),
+    "magenta": (1.0, 0.0, 1.0),
+    "white": (1.0, 1.0, 1.0),
+    "black": (0.0, 0.0, 0.0),
+}
+
+# Janus-Pro's own chat format ("<|User|>: ...\n\n<|Assistant|>:"), images as a placeholder token.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}<|User|>: {% else %}<|Assistant|>: {% endif %}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<image_placeholder>\n{% else %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}\n\n"
+    "{% endfor %}{% if add_generation_prompt %}<|Assistant|>:{% endif %}"
+)
+
+WORDS = (
+    "a an the image picture photo of with and is this that what which color colour does show shows "
+    "answer yes no or in one word only there it"
+).split() + list(COLORS)
+SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>", "<image_placeholder>", "<begin_of_image>",
+            "<end_of_image>", "<|User|>", "<|Assistant|>"]
+PUNCT = ["?", ".", ",", ":", "!"]
+
+TINY_DEFAULTS = dict(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128,
+                     image_size=32, patch_size=8, vision_hidden=32, vq_fit_steps=500)
+
+# The tiny VQ codebook is a 4x4x4 RGB palette: token k decodes to a patch of PALETTE[k].
+PALETTE_LEVELS = (0.0, 1 / 3, 2 / 3, 1.0)
+
+
+def build_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(SPECIALS + PUNCT + WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    tok.add_special_tokens(SPECIALS)
+    tok.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", vocab["<bos>"])])
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>",
+        padding_side="left",
+        extra_special_tokens={"image_token": "<image_placeholder>", "boi_token": "<begin_of_image>",
+                              "eoi_token": "<end_of_image>"})
+
+
+def build_tiny_janus(path: str | os.PathLike, seed: int = 0, **overrides) -> Path:
+    """Write a tiny Janus checkpoint (model + processor) to `path` and return it.
+
+    Re-uses an existing checkpoint at `path` built with the same settings, so tests and repeated
+    quickstarts pay the (sub-second) build once.
+    """
+    from transformers import (JanusConfig, JanusForConditionalGeneration, JanusImageProcessor,
+                              JanusProcessor, JanusVisionConfig, JanusVQVAEConfig, LlamaConfig)
+
+    spec = {**TINY_DEFAULTS, **overrides, "seed": seed}
+    unknown = set(overrides) - set(TINY_DEFAULTS)
+    if unknown:
+        raise ValueError(f"unknown tiny-model option(s) {sorted(unknown)}; known: {sorted(TINY_DEFAULTS)}")
+    path = Path(path)
+    marker = path / "uniloop_tiny.json"
+    if marker.exists() and json.loads(marker.read_text()) == spec:
+        return path
+
+    tokenizer = build_tokenizer()
+    vocab_size = len(tokenizer)
+    h = spec["hidden_size"]
+    n_img = (spec["image_size"] // spec["patch_size"]) ** 2
+    text = LlamaConfig(vocab_size=vocab_size, hidden_size=h, intermediate_size=spec["intermediate_size"],
+                       num_hidden_layers=spec["num_layers"], num_attention_heads=spec["num_heads"],
+                       num_key_value_heads=spec["num_heads"], max_position_embeddings=1024,
+                       pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                       eos_token_id=tokenizer.eos_token_id)
+    vision = JanusVisionConfig(hidden_size=spec["vision_hidden"], num_hidden_layers=2, num_attention_heads=2,
+                               image_size=spec["image_size"], patch_size=spec["patch_size"],
+                               num_image_tokens=n_img, projection_dim=h, mlp_ratio=2.0)
+    vq = JanusVQVAEConfig(embed_dim=8, num_embeddings=len(PALETTE_LEVELS) ** 3, latent_channels=32,
+                          base_channels=32, channel_multiplier=[1, 1], num_res_blocks=1,
+                          projection_dim=h, image_token_embed_dim=h)
+    config = JanusConfig(text_config=text, vision_config=vision, vq_config=vq,
+                         image_token_id=tokenizer.convert_tokens_to_ids("<image_placeholder>"))
+    torch.manual_seed(seed)
+    model = JanusForConditionalGeneration(config)
+    _scale_output_heads(model, h)
+    fit_palette_vq(model.model.vqmodel, steps=spec["vq_fit_steps"], seed=seed)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    processor = JanusProcessor(
+        image_processor=JanusImageProcessor(size={"height": spec["image_size"], "width": spec["image_size"]}),
+        tokenizer=tokenizer, chat_template=CHAT_TEMPLATE, num_image_tokens=n_img)
+
+    # Build in a sibling temp dir and rename: concurrent builders (Ray workers, parallel tests)
+    # never see a half-written checkpoint.
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    model.save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    (tmp / "uniloop_tiny.json").write_text(json.dumps(spec))
+    try:
+        os.rename(tmp, path)
+    except OSError:  # someone else finished first (or an old build is in the way)
+        if marker.exists() and json.loads(marker.read_text()) == spec:
+            import shutil
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            import shutil
+            shutil.rmtree(path, ignore_errors=True)
+            os.rename(tmp, path)
+    return path
+
+
+def _scale_output_heads(model, hidden: int):
+    """Give the random heads O(1) logits, as a trained model has.
+
+    With the default init (std 0.02) the generation head and the tied text head produce logits of
+    ~0.03 whatever the (RMS-normalised) hidden state is: sampling is uniform and no adapter on the
+    language model can move it. Unit-variance fan-in init keeps the tiny model steerable.
+    """
+    with torch.no_grad():
+        head = model.model.generation_head
+        head.proj_out.weight.normal_(0, hidden ** -0.5)
+        head.vision_head.weight.normal_(0, 2 * head.vision_head.in_features ** -0.5)
+        model.model.language_model.embed_tokens.weight.normal_(0, 2 * hidden ** -0.5)
+        model.model.generation_embeddings.weight.normal_(0, 1.0)
+
+
+def palette() -> torch.Tensor:
+    import itertools
+    return torch.tensor(list(itertools.product(PALETTE_LEVELS, repeat=3)), dtype=torch.float32)
+
+
+def fit_palette_vq(vq, steps: int = 500, seed: int = 0, batch: int = 16):
+    """Teach a random tiny VQ-VAE the palette code: token k <-> a patch of color PALETTE[k].
+
+    A random VQ decoder maps every token to near-identical grey noise, which would leave nothing
+    for an image reward to learn from. A few hundred Adam steps (~10 s on 2 cores) make the tiny
+    model a working (if crude) image tokenizer: decode(tokens) shows colors and encode(image)
+    returns tokens, as with the real Janus VQ model.
+    """
+    if steps <= 0:
+        return
+    g = torch.Generator().manual_seed(seed)
+    pal = palette()
+    n = vq.config.num_patches
+    scale = 2 ** (len(vq.config.channel_multiplier) - 1)
+    opt = torch.optim.Adam(vq.parameters(), lr=1e-2)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=steps)
+    vq.train()
+    with torch.enable_grad():
+        for _ in range(steps):
+            tok = torch.randint(0, len(pal), (batch, n * n), generator=g)
+            tok[: batch // 2] = tok[: batch // 2, :1]  # half solid images, the synthetic task's case
+            target = pal[tok].view(batch, n, n, 3).repeat_interleave(scale, 1).repeat_interleave(scale, 2)
+            out = (vq.decode(tok).permute(0, 2, 3, 1) + 1) / 2
+            enc = vq.quant_conv(vq.encoder(target.permute(0, 3, 1, 2) * 2 - 1))
+            code = vq.quantize.embedding(tok).view(batch, n, n, -1).permute(0, 3, 1, 2).detach()
+            loss = ((out - target) ** 2).mean() + ((enc - code) ** 2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+    vq.eval()
+
+
+def solid_color_images(names: list[str], size: int, noise: float = 0.0, generator=None) -> torch.Tensor:
+    """(B, size, size, 3) float images of the named colors, optionally with pixel noise."""
+    rgb = torch.tensor([COLORS[n] for n in names], dtype=torch.float32)
+    img = rgb[:, None, None, :].expand(len(names), size, size, 3).clone()
+    if noise:
+        img = (img + noise * torch.randn(img.shape, generator=generator)).clamp(0, 1)
+    return img

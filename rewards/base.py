@@ -1,0 +1,162 @@
+"""The reward interface, the registry, and weighted mixtures.
+
+A reward takes a rollout batch and returns one float per sample plus a validity mask. Invalid
+samples (an unparseable judge verdict, a NaN, a crashed scorer) are *excluded* from the advantage
+computation, never silently scored 0, and are counted in the metrics.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from ..policies.batches import ImageRollout, TextRollout
+
+_REGISTRY: dict[str, type] = {}
+
+
+def register_reward(name: str):
+    """Class decorator: make a reward available to configs as `type: <name>`."""
+    def wrap(cls):
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"reward {name!r} is already registered by {_REGISTRY[name].__name__}")
+        _REGISTRY[name] = cls
+        cls.registry_name = name
+        return cls
+    return wrap
+
+
+def reward_types() -> dict[str, type]:
+    from . import builtin  # noqa: F401  (registers the built-in rewards)
+    return dict(_REGISTRY)
+
+
+@dataclass
+class RewardOutput:
+    scores: torch.Tensor  # (B,) float; meaningless where ~valid
+    valid: torch.Tensor  # (B,) bool
+    details: dict[str, list] = field(default_factory=dict)  # optional per-sample extras (judge text...)
+
+    @classmethod
+    def from_scores(cls, scores, details=None):
+        s = torch.as_tensor(scores, dtype=torch.float32).flatten()
+        return cls(scores=s, valid=torch.isfinite(s), details=details or {})
+
+
+class Reward:
+    """Base class. Subclasses set `modalities` and implement `score`.
+
+    `context` gives access to things a reward may need beyond the batch: `context.policy` is the
+    policy being trained (for self-understanding rewards).
+    """
+
+    modalities: tuple[str, ...] = ("image", "text")
+    registry_name = "reward"
+
+    def score(self, batch: ImageRollout | TextRollout, context: "RewardContext") -> RewardOutput:
+        raise NotImplementedError
+
+    def close(self):
+        """Release resources (servers, actors). Called once at the end of a run."""
+
+
+@dataclass
+class RewardContext:
+    policy: object = None  # the policy being trained (JanusPolicy), for self-judging rewards
+    step: int = 0
+
+
+@dataclass
+class RewardSpec:
+    name: str
+    weight: float
+    reward: Reward
+
+
+@dataclass
+class MixtureOutput:
+    total: torch.Tensor  # (B,) weighted sum over the components that apply to the batch
+    valid: torch.Tensor  # (B,) bool: every applicable component valid and the total finite
+    components: dict[str, RewardOutput]
+    errors: list[str] = field(default_factory=list)
+
+
+class RewardMixture:
+    """Weighted sum of named rewards. A component applies to the modalities it declares."""
+
+    def __init__(self, specs: list[RewardSpec]):
+        if not specs:
+            raise ValueError("at least one reward must be configured")
+        names = [s.name for s in specs]
+        dupes = {n for n in names if names.count(n) > 1}
+        if dupes:
+            raise ValueError(f"reward names must be unique, repeated: {sorted(dupes)}")
+        self.specs = specs
+
+    def applicable(self, kind: str) -> list[RewardSpec]:
+        return [s for s in self.specs if kind in s.reward.modalities]
+
+    def __call__(self, batch, context: RewardContext) -> MixtureOutput:
+        B = len(batch)
+        total = torch.zeros(B)
+        valid = torch.ones(B, dtype=torch.bool)
+        comps: dict[str, RewardOutput] = {}
+        specs = self.applicable(batch.kind)
+        if not specs:
+            raise ValueError(f"no configured reward scores {batch.kind} rollouts "
+                             f"(rewards: {[s.name for s in self.specs]})")
+        for spec in specs:
+            try:
+                out = spec.reward.score(batch, context)
+            except Exception as e:  # name the reward and the sample; the caller decides whether to abort
+                raise RewardError(describe_failure(spec, batch, context, e)) from e
+            if out.scores.shape != (B,):
+                raise RewardError(f"reward {spec.name!r} returned shape {tuple(out.scores.shape)}, expected ({B},)")
+            v = out.valid & torch.isfinite(out.scores)
+            out = RewardOutput(out.scores.float(), v, out.details)
+            comps[spec.name] = out
+            valid &= v
+            total += spec.weight * torch.where(v, out.scores.float(), torch.zeros(()))
+        return MixtureOutput(total=total, valid=valid, components=comps)
+
+    def close(self):
+        for s in self.specs:
+            s.reward.close()
+
+
+class RewardError(RuntimeError):
+    """A reward raised: the message names the reward and the sample."""
+
+
+MAX_ISOLATE = 256  # largest batch re-scored sample by sample to find the one that fails
+
+
+def describe_failure(spec: RewardSpec, batch, context: RewardContext, err: Exception) -> str:
+    """Name the reward and the failing sample: re-score the samples one at a time (only on this
+    failure path, which ends the run anyway) and report the first that raises on its own."""
+    head = f"reward {spec.name!r} ({type(spec.reward).__name__})"
+    B, bad = len(batch), None
+    if B == 1:
+        bad = 0
+    elif B <= MAX_ISOLATE:
+        for i in range(B):
+            try:
+                spec.reward.score(batch.select([i]), context)
+            except Exception:
+                bad = i
+                break
+    if bad is not None:
+        where = f"on {batch.kind} sample {bad} of {B} (prompt {batch.prompts[bad]!r})"
+    else:
+        where = (f"on a batch of {B} {batch.kind} samples (no single sample fails alone; first prompt "
+                 f"{batch.prompts[0]!r})")
+    return f"{head} failed {where}: {type(err).__name__}: {err}"
+
+
+def finite_or_nan(x: float) -> float:
+    return x if math.isfinite(x) else float("nan")
+
+
+RewardFn = Callable[[ImageRollout | TextRollout, RewardContext], RewardOutput]

@@ -1,0 +1,73 @@
+"""Built-in rewards for the synthetic tasks and plain text answers.
+
+Heavier rewards live in their own modules (clip.py, self_understanding.py) and are imported here
+so that `reward_types()` sees every built-in after one import.
+"""
+from __future__ import annotations
+
+import re
+import string
+
+import torch
+
+from ..policies.tiny import COLORS
+from .base import Reward, RewardContext, RewardOutput, register_reward
+
+
+def named_color(text: str) -> str | None:
+    """The first color word of `text` (the synthetic task's target), or None."""
+    for word in re.findall(r"[a-z]+", text.lower()):
+        if word in COLORS:
+            return word
+    return None
+
+
+@register_reward("color")
+class ColorReward(Reward):
+    """How close the image's pixels are to the color named in the prompt (or in `targets`).
+
+    score = 1 - mean_pixels ||pixel - target|| / sqrt(3), in [0, 1]; a prompt naming no known
+    color is invalid (excluded), not 0.
+    """
+
+    modalities = ("image",)
+
+    def __init__(self, colors: dict[str, list[float]] | None = None):
+        self.colors = {k: tuple(v) for k, v in (colors or COLORS).items()}
+
+    def score(self, batch, context: RewardContext) -> RewardOutput:
+        scores = torch.full((len(batch),), float("nan"))
+        for i, prompt in enumerate(batch.prompts):
+            name = batch.targets[i] if batch.targets and batch.targets[i] else named_color(prompt)
+            if name not in self.colors:
+                continue
+            target = torch.tensor(self.colors[name], dtype=torch.float32)
+            dist = (batch.images[i].float() - target).norm(dim=-1).mean()
+            scores[i] = 1 - dist / 3 ** 0.5
+        return RewardOutput.from_scores(scores)
+
+
+def normalize_answer(text: str) -> str:
+    """Lower-case, strip punctuation, articles and extra whitespace (SQuAD-style)."""
+    text = text.lower().translate(str.maketrans("", "", string.punctuation))
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return " ".join(text.split())
+
+
+@register_reward("exact_match")
+class ExactMatchReward(Reward):
+    """1 if the normalised answer equals the normalised target, else 0 (needs `targets`)."""
+
+    modalities = ("text",)
+
+    def __init__(self, normalize: bool = True):
+        self.normalize = normalize
+
+    def score(self, batch, context: RewardContext) -> RewardOutput:
+        if not batch.targets:
+            raise ValueError("exact_match needs reference answers: give the text task `answers`")
+        norm = normalize_answer if self.normalize else (lambda s: s.strip())
+        return RewardOutput.from_scores([float(norm(a) == norm(t)) for a, t in zip(batch.answers, batch.targets)])
+
+
+from . import clip, judges, rules, self_understanding  # noqa: E402,F401  (register the heavier built-ins)

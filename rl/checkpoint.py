@@ -1,0 +1,61 @@
+"""Atomic checkpoints: a run killed mid-save never leaves a checkpoint that looks complete.
+
+Layout: <output_dir>/checkpoints/step_000050/{adapter/, state.pt, COMPLETE}. A checkpoint is written
+into a temporary sibling directory and renamed into place; `COMPLETE` is written last, and
+`latest_checkpoint` ignores directories without it.
+"""
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def set_rng_state(state: dict):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+def save_checkpoint(output_dir: str | Path, step: int, model=None, state: dict | None = None,
+                    keep: int = 2) -> Path:
+    """Save `model.save_pretrained` (the adapter) and `state` (optimizer, RNG, step...) atomically."""
+    root = Path(output_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:06d}"
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp_step_{step:06d}_"))
+    if model is not None:
+        model.save_pretrained(str(tmp / "adapter"))
+    torch.save({"step": step, "rng": rng_state(), **(state or {})}, tmp / "state.pt")
+    with open(tmp / "COMPLETE", "w") as f:
+        f.write(str(step))
+        f.flush()
+        os.fsync(f.fileno())
+    if final.exists():
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    for old in sorted(p for p in root.glob("step_*") if (p / "COMPLETE").exists())[:-keep or None]:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in root.glob(".tmp_step_*"):  # leftovers of a run killed mid-save
+        if stale != tmp:
+            shutil.rmtree(stale, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    root = Path(output_dir) / "checkpoints"
+    done = sorted(p for p in root.glob("step_*") if (p / "COMPLETE").exists())
+    return done[-1] if done else None
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    return torch.load(Path(path) / "state.pt", map_location="cpu", weights_only=False)

@@ -1,0 +1,92 @@
+"""`uniloop` command line: train, rollout, pairs, serve-judge, config-help."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from pathlib import Path
+
+# Subcommands implemented elsewhere: name -> "module:function(argv)". New tools add a line here.
+COMMANDS = {
+    "rollout": "uniloop.rollouts.job:main",
+    "pairs": "uniloop.rl.pairs:main",
+    "serve-judge": "uniloop.rewards.server:main",
+}
+
+DEFAULT_CONFIG = "configs/quickstart.yaml"
+
+
+def default_config_path() -> Path:
+    """configs/quickstart.yaml in the current directory, else the copy installed with the package."""
+    local = Path(DEFAULT_CONFIG)
+    if local.exists():
+        return local
+    return Path(importlib.import_module("uniloop.configs").__file__).parent / "quickstart.yaml"
+
+
+def train_main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="uniloop train", description="Train a policy with the algorithm a recipe names.")
+    p.add_argument("config", nargs="?", help=f"YAML recipe (default: {DEFAULT_CONFIG})")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set grpo.learning_rate=1e-4 (repeatable)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
+    args = p.parse_args(argv)
+    from .algorithms import get_algorithm
+    from .config import ConfigError, load_config
+
+    path = Path(args.config) if args.config else default_config_path()
+    try:
+        cfg = load_config(path, args.overrides)
+        algo = get_algorithm(cfg.algorithm)
+    except (ConfigError, ValueError) as e:
+        print(f"uniloop train: {e}", file=sys.stderr)
+        return 2
+    print(f"uniloop train: {path} -> {cfg.output_dir} ({cfg.algorithm})")
+    summary = algo(cfg, resume=args.resume)
+    print_summary(summary)
+    return 0
+
+
+def print_summary(summary: dict):
+    if not summary:
+        return
+    print(f"done: {summary.get('steps', '?')} steps")
+    for k, v in summary.items():
+        if isinstance(v, dict) and "first_10pct" in v:
+            print(f"  {k:40s} first 10%: {v['first_10pct']:.4f}   last 10%: {v['last_10pct']:.4f}")
+
+
+def config_help_main(argv=None) -> int:
+    from .config import config_help
+    for line in config_help():
+        print(line)
+    return 0
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    names = ["train", *COMMANDS, "config-help"]
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: uniloop {" + ",".join(names) + "} ...\n\n"
+              "  train        train a policy (GRPO, DPO, ...) from a YAML recipe\n"
+              "  rollout      sample + score a prompt file into shards and a gallery (resumable)\n"
+              "  pairs        build a preference dataset by sample-rank-select\n"
+              "  serve-judge  serve a transformers VLM as an OpenAI-compatible judge endpoint\n"
+              "  config-help  list every config key with its type, default and help")
+        return 0
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    cmd, rest = argv[0], argv[1:]
+    if cmd == "train":
+        return train_main(rest)
+    if cmd == "config-help":
+        return config_help_main(rest)
+    if cmd in COMMANDS:
+        mod, fn = COMMANDS[cmd].split(":")
+        return int(getattr(importlib.import_module(mod), fn)(rest) or 0)
+    print(f"uniloop: unknown command {cmd!r}; choose from {names}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

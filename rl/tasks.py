@@ -1,0 +1,123 @@
+"""Tasks: where each step's prompts come from (prompt -> image, and image + question -> answer)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..policies.tiny import COLORS, solid_color_images
+from ..rewards.builtin import named_color
+from ..rollouts.worker import RolloutRequest
+
+
+def _step_generator(seed: int, step: int, salt: int) -> torch.Generator:
+    # Prompt choice depends on (seed, step) only, so a resumed run draws what the original would have.
+    return torch.Generator().manual_seed((seed * 1_000_003 + step * 7919 + salt) % (2 ** 63))
+
+
+def read_prompts(path: str) -> list[str]:
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"prompts file not found: {path}")
+    out = []
+    for i, line in enumerate(p.read_text().splitlines(), 1):
+        line = line.strip()
+        if not line:
+            continue
+        if p.suffix == ".jsonl":
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{i}: not valid JSON: {e}") from None
+            if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
+                raise ValueError(f"{path}:{i}: field 'prompt' (a string) is missing")
+            out.append(rec["prompt"])
+        else:
+            out.append(line)
+    if not out:
+        raise ValueError(f"{path}: no prompts")
+    return out
+
+
+class ImageTask:
+    kind = "image"
+
+    def __init__(self, cfg, seed: int):
+        self.prompts = list(cfg.prompts) + (read_prompts(cfg.prompts_file) if cfg.prompts_file else [])
+        if not self.prompts:
+            raise ValueError("image_task needs `prompts` or `prompts_file`")
+        self.per_step, self.seed = cfg.prompts_per_step, seed
+
+    def request(self, step: int, num_generations: int) -> RolloutRequest:
+        idx = torch.randint(len(self.prompts), (self.per_step,), generator=_step_generator(self.seed, step, 1))
+        prompts = [self.prompts[i] for i in idx.tolist()]
+        targets = [named_color(p) or "" for p in prompts]
+        return RolloutRequest("image", prompts, num_generations, step, targets=targets)
+
+
+class TextTask:
+    kind = "text"
+
+    def __init__(self, cfg, seed: int, image_size: int):
+        self.items: list[tuple[torch.Tensor, str, str]] = []
+        for c in cfg.synthetic_colors:
+            if c not in COLORS:
+                raise ValueError(f"text_task.synthetic_colors: unknown color {c!r}; known: {sorted(COLORS)}")
+            self.items.append((solid_color_images([c], image_size)[0], cfg.question, c))
+        if cfg.data_file:
+            self.items.extend(read_qa_file(cfg.data_file, image_size))
+        if not self.items:
+            raise ValueError("text_task needs `synthetic_colors` or `data_file`")
+        self.per_step, self.seed = cfg.prompts_per_step, seed
+
+    def request(self, step: int, num_generations: int) -> RolloutRequest:
+        idx = torch.randint(len(self.items), (self.per_step,), generator=_step_generator(self.seed, step, 2)).tolist()
+        return RolloutRequest("text", [self.items[i][1] for i in idx], num_generations, step,
+                              targets=[self.items[i][2] for i in idx],
+                              images=torch.stack([self.items[i][0] for i in idx]))
+
+
+def load_image(path: Path, size: int | None, where: str) -> torch.Tensor:
+    from PIL import Image, UnidentifiedImageError
+    if not path.exists():
+        raise FileNotFoundError(f"{where}: image not found: {path}")
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            if size:
+                im = im.resize((size, size), Image.BICUBIC)
+            import numpy as np
+            return torch.from_numpy(np.asarray(im).copy()).float() / 255
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"{where}: corrupt or unreadable image {path}: {e}") from None
+
+
+def read_qa_file(path: str, image_size: int):
+    p = Path(path)
+    items = []
+    for i, line in enumerate(p.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{i}"
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}: not valid JSON: {e}") from None
+        for k in ("image", "question", "answer"):
+            if not isinstance(rec.get(k), str):
+                raise ValueError(f"{where}: field '{k}' (a string) is missing")
+        items.append((load_image(p.parent / rec["image"], image_size, f"{where}: field 'image'"),
+                      rec["question"], rec["answer"]))
+    return items
+
+
+def build_tasks(cfg, image_size: int) -> list:
+    tasks = []
+    if cfg.image_task is not None:
+        tasks.append(ImageTask(cfg.image_task, cfg.seed))
+    if cfg.text_task is not None:
+        tasks.append(TextTask(cfg.text_task, cfg.seed, image_size))
+    if not tasks:
+        raise ValueError(f"{cfg.output_dir}: the config defines no task: set image_task and/or text_task")
+    return tasks

@@ -1,0 +1,332 @@
+"""The GRPO training loop. One step = sample -> score -> advantages -> update; see `train_step`."""
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..rewards.base import RewardContext, RewardMixture, RewardSpec, reward_types
+from ..rollouts.worker import RolloutWorker, make_policy
+from .algorithms import register_algorithm
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
+from .config import Config, save_config
+from .grpo import aggregate, grpo_advantages, grpo_token_loss
+from .runlog import RunLogger
+from .tasks import build_tasks
+
+
+def build_rewards(cfg: Config, run_dir: Path) -> RewardMixture:
+    types = reward_types()
+    specs = []
+    for i, rc in enumerate(cfg.rewards):
+        tname = rc.type or rc.name
+        if tname not in types:
+            raise ValueError(f"rewards[{i}] ({rc.name!r}): unknown reward type {tname!r}; "
+                             f"registered: {sorted(types)}")
+        args = dict(rc.args)
+        try:
+            reward = types[tname](**args)
+        except TypeError as e:
+            raise ValueError(f"rewards[{i}] ({rc.name!r}): bad args for {tname}: {e}") from None
+        specs.append(RewardSpec(rc.name, rc.weight, reward))
+    return RewardMixture(specs)
+
+
+@dataclass
+class ScoredBatch:
+    """A rollout batch with its rewards and advantages: what the update consumes."""
+
+    batch: object  # ImageRollout | TextRollout
+    rewards: torch.Tensor
+    valid: torch.Tensor
+    advantages: torch.Tensor
+    old_logprobs: torch.Tensor | None = None
+    ref_logprobs: torch.Tensor | None = None
+    metrics: dict = field(default_factory=dict)
+
+
+class GRPOTrainer:
+    """Holds the pieces of a run; `train_step` is the one function to read."""
+
+    def __init__(self, cfg: Config, worker_pool=None):
+        self.cfg = cfg
+        self.run_dir = Path(cfg.output_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        _seed_everything(cfg.seed)
+        tiny_dir = self.run_dir.parent / ".tiny_models" / f"janus_seed{cfg.seed}"
+        self.policy = make_policy(cfg.model, cfg.lora, tiny_dir=tiny_dir)
+        self.policy.model.train()
+        self.optimizer = torch.optim.AdamW(
+            self.policy.trainable_parameters(), lr=cfg.grpo.learning_rate, weight_decay=cfg.grpo.weight_decay,
+            betas=(cfg.grpo.adam_beta1, cfg.grpo.adam_beta2))
+        self.rewards = build_rewards(cfg, self.run_dir)
+        self.tasks = build_tasks(cfg, self.policy.image_size)
+        # In-process sampling shares the learner's policy object; a Ray pool ships adapter tensors.
+        self.workers = worker_pool or InProcessPool(RolloutWorker(self.policy, cfg.rollout, cfg.seed,
+                                                                  shares_learner_policy=True))
+        self.step = 0
+        self.invalid_streak = 0
+
+    # ------------------------------------------------------------------ one step
+    def train_step(self) -> dict:
+        cfg, step = self.cfg, self.step + 1
+        t0 = time.perf_counter()
+        requests = [task.request(step, cfg.rollout.num_generations) for task in self.tasks]
+        batches = self.workers.generate(requests, version=self.policy.version)
+        t1 = time.perf_counter()
+        scored = [self.score(b, step) for b in batches]
+        t2 = time.perf_counter()
+        update_metrics = self.update(scored)
+        t3 = time.perf_counter()
+        self.policy.version += 1
+        self.workers.sync(self.policy, self.policy.version)
+        self.step = step
+        metrics = {**reward_metrics(scored, self.rewards), **update_metrics,
+                   "time/rollout": t1 - t0, "time/reward": t2 - t1, "time/update": t3 - t2,
+                   "adapter/version": self.policy.version, **self.workers.metrics()}
+        self.check_invalid(metrics)
+        return metrics, scored
+
+    def score(self, batch, step: int) -> ScoredBatch:
+        mix = self.rewards(batch, RewardContext(policy=self.policy, step=step))
+        adv, stats = grpo_advantages(mix.total, batch.group_ids, mix.valid, self.cfg.grpo.scale_rewards,
+                                     self.cfg.grpo.std_floor)
+        sb = ScoredBatch(batch, mix.total, mix.valid, adv, metrics=stats)
+        sb.components = mix.components
+        return sb
+
+    def update(self, scored: list[ScoredBatch]) -> dict:
+        """num_iterations passes over the batch, micro-batched, AdamW on the adapter."""
+        g, policy, mode = self.cfg.grpo, self.policy, self.cfg.rollout.logprob_mode
+        micro = [(sb, idx) for sb in scored for idx in _chunks(len(sb.batch), g.per_device_train_batch_size)
+                 if sb.valid[idx].any()]
+        # With one optimizer step per rollout batch the learner's own log-probs, detached, are the
+        # "old" ones (rho == 1 exactly). With more, every later micro-batch would see updated weights,
+        # so the sampling-time policy is frozen in a no-grad pass first.
+        several_updates = g.num_iterations > 1 or len(micro) > g.gradient_accumulation_steps
+        stats = {"loss": [], "kl": [], "clip_fraction": [], "grad_norm": [], "ratio_dev_first": None,
+                 "sampler_logprob_diff": []}
+        with torch.no_grad():
+            for sb in scored:
+                sb.ref_logprobs = None
+                if g.beta != 0.0:
+                    with policy.reference():
+                        sb.ref_logprobs = self.micro_logprobs(sb.batch, mode, grad=False)
+                if several_updates:
+                    sb.old_logprobs = self.micro_logprobs(sb.batch, mode, grad=False)
+                    stats["sampler_logprob_diff"].append(
+                        ((sb.old_logprobs - sb.batch.logprobs(mode)) * sb.batch.completion_mask).abs().max().item())
+        weights = {"image": g.image_loss_weight, "text": g.text_loss_weight}
+        for it in range(g.num_iterations):
+            for start in range(0, len(micro), g.gradient_accumulation_steps):
+                group = micro[start:start + g.gradient_accumulation_steps]
+                self.optimizer.zero_grad(set_to_none=True)
+                # normalisers over the whole accumulation group, per modality
+                norms = {}
+                for sb, idx in group:
+                    n = norms.setdefault(sb.batch.kind, [0, 0.0])
+                    n[0] += int(sb.valid[idx].sum())
+                    n[1] += float((sb.batch.completion_mask[idx] * sb.valid[idx, None]).sum())
+                for sb, idx in group:
+                    b = sb.batch.select(idx)
+                    valid = sb.valid[idx].to(policy.device)
+                    logp = policy.rollout_logprobs(b, mode)
+                    if it == 0 and sb.old_logprobs is None:
+                        old = logp.detach()  # fully on-policy: rho is exactly 1 on this pass
+                    else:
+                        old = sb.old_logprobs[idx].to(logp.device)
+                    if not several_updates:  # learner vs sampler, same weights: must agree
+                        stats["sampler_logprob_diff"].append(
+                            ((logp.detach().cpu() - b.logprobs(mode)) * b.completion_mask).abs().max().item())
+                    ref = sb.ref_logprobs[idx].to(logp.device) if sb.ref_logprobs is not None else None
+                    per_tok, ratio, kl, clipped = grpo_token_loss(
+                        logp, old, sb.advantages[idx].to(logp.device), ref, g.epsilon, g.epsilon_high, g.beta)
+                    mask = b.completion_mask.to(logp.device) * valid[:, None]
+                    n_seq, n_tok = norms[b.kind]
+                    loss = weights[b.kind] * aggregate(per_tok, mask, g.loss_type, n_seq, n_tok, mask.shape[1])
+                    loss.backward()
+                    msum = mask.sum().clamp(min=1)
+                    if it == 0 and stats["ratio_dev_first"] is None:
+                        stats["ratio_dev_first"] = ((ratio.detach() - 1).abs() * mask).max().item()
+                    stats["loss"].append(loss.item())
+                    stats["clip_fraction"].append(((clipped * mask).sum() / msum).item())
+                    if kl is not None:
+                        stats["kl"].append(((kl.detach() * mask).sum() / msum).item())
+                params = policy.trainable_parameters()
+                norm = torch.nn.utils.clip_grad_norm_(params, g.max_grad_norm if g.max_grad_norm > 0 else float("inf"))
+                stats["grad_norm"].append(norm.item())
+                self.optimizer.step()
+        mean = lambda xs: float(np.mean(xs)) if xs else 0.0  # noqa: E731
+        # each optimizer step's loss is the sum of its micro-batches' shares
+        return {"loss": float(np.sum(stats["loss"])) / max(len(stats["grad_norm"]), 1),
+                "kl": mean(stats["kl"]), "clip_fraction": mean(stats["clip_fraction"]),
+                "grad_norm": mean(stats["grad_norm"]),
+                "ratio/first_step_max_abs_dev": stats["ratio_dev_first"] if stats["ratio_dev_first"] is not None else 0.0,
+                "logprob/sampler_vs_learner_max_abs_diff": max(stats["sampler_logprob_diff"] or [0.0])}
+
+    def micro_logprobs(self, batch, mode: str, grad: bool) -> torch.Tensor:
+        out = []
+        with torch.set_grad_enabled(grad):
+            for idx in _chunks(len(batch), self.cfg.grpo.per_device_train_batch_size):
+                out.append(self.policy.rollout_logprobs(batch.select(idx), mode).detach().cpu())
+        return torch.cat(out)
+
+    def check_invalid(self, metrics: dict):
+        g = self.cfg.grpo
+        if metrics.get("reward/invalid_fraction", 0.0) > g.max_invalid_fraction:
+            self.invalid_streak += 1
+            if self.invalid_streak >= g.invalid_patience:
+                raise RuntimeError(
+                    f"step {self.step}: {metrics['reward/invalid_fraction']:.0%} of samples had an invalid reward "
+                    f"for {self.invalid_streak} consecutive steps (limit grpo.max_invalid_fraction="
+                    f"{g.max_invalid_fraction}); see reward/<name>/invalid in {self.run_dir / 'metrics.jsonl'}")
+        else:
+            self.invalid_streak = 0
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self):
+        state = {"optimizer": self.optimizer.state_dict(), "version": self.policy.version,
+                 "invalid_streak": self.invalid_streak}
+        return save_checkpoint(self.run_dir, self.step, self.policy.model, state,
+                               keep=self.cfg.logging.keep_checkpoints)
+
+    def resume(self) -> bool:
+        ckpt = latest_checkpoint(self.run_dir)
+        if ckpt is None:
+            return False
+        from safetensors.torch import load_file
+        state = load_checkpoint(ckpt)
+        self.policy.set_adapter_state_dict(load_file(str(ckpt / "adapter" / "adapter_model.safetensors")),
+                                           version=state["version"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        set_rng_state(state["rng"])
+        self.step, self.invalid_streak = state["step"], state["invalid_streak"]
+        self.workers.sync(self.policy, self.policy.version)
+        return True
+
+
+class InProcessPool:
+    """The default engine: one worker in this process, sharing the learner's policy."""
+
+    def __init__(self, worker: RolloutWorker):
+        self.worker = worker
+
+    def generate(self, requests, version: int):
+        return [self.worker.generate(r) for r in requests]
+
+    def sync(self, policy, version: int):
+        self.worker.set_adapter(None, version)
+
+    def metrics(self) -> dict:
+        return {}
+
+    def close(self):
+        pass
+
+
+def reward_metrics(scored: list[ScoredBatch], mixture: RewardMixture) -> dict:
+    m = {}
+    all_r = torch.cat([sb.rewards[sb.valid] for sb in scored])
+    n_all = sum(len(sb.batch) for sb in scored)
+    m["reward/mean"] = all_r.mean().item() if len(all_r) else float("nan")
+    m["reward/std"] = all_r.std().item() if len(all_r) > 1 else 0.0
+    m["reward/invalid_fraction"] = 1 - len(all_r) / max(n_all, 1)
+    for sb in scored:
+        kind = sb.batch.kind
+        m[f"reward/{kind}/mean"] = sb.rewards[sb.valid].mean().item() if sb.valid.any() else float("nan")
+        for name, out in sb.components.items():
+            m[f"reward/{name}/mean"] = out.scores[out.valid].mean().item() if out.valid.any() else float("nan")
+            m[f"reward/{name}/invalid"] = int((~out.valid).sum())
+        for k, v in sb.metrics.items():
+            m[f"{k}/{kind}"] = v
+    return m
+
+
+def _chunks(n: int, size: int):
+    size = max(1, size)
+    return [list(range(i, min(i + size, n))) for i in range(0, n, size)]
+
+
+def _seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def sample_grid(logger: RunLogger, step: int, scored: list[ScoredBatch], max_images: int = 16):
+    for sb in scored:
+        if sb.batch.kind != "image":
+            continue
+        n = min(max_images, len(sb.batch))
+        caps = [f"{sb.batch.prompts[i]} r={sb.rewards[i]:.2f}" for i in range(n)]
+        logger.save_grid(step, sb.batch.images[:n], caps)
+
+
+def make_worker_pool(cfg: Config):
+    """Ray actors when rollout.num_workers > 0 (the Ray module registers itself), else in-process."""
+    if cfg.rollout.num_workers > 0:
+        from ..rollouts.ray_pool import RayWorkerPool
+        return RayWorkerPool(cfg)
+    return None
+
+
+@register_algorithm("grpo")
+def train_grpo(cfg: Config, resume: bool = False) -> dict:
+    from tqdm.auto import tqdm
+
+    run_dir = Path(cfg.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    trainer = GRPOTrainer(cfg, worker_pool=make_worker_pool(cfg))
+    logger = RunLogger(run_dir, tensorboard=cfg.logging.tensorboard)
+    if resume and trainer.resume():
+        logger.truncate_after(trainer.step)
+        print(f"resumed from step {trainer.step} ({latest_checkpoint(run_dir)})")
+    history = []
+    bar = tqdm(total=cfg.grpo.max_steps, initial=trainer.step, desc="grpo", disable=not cfg.logging.progress_bar,
+               dynamic_ncols=True)
+    try:
+        while trainer.step < cfg.grpo.max_steps:
+            metrics, scored = trainer.train_step()
+            step = trainer.step
+            history.append(metrics)
+            if step % cfg.logging.log_every == 0 or step == cfg.grpo.max_steps:
+                logger.log(step, metrics)
+            if cfg.logging.image_grid_every and (step % cfg.logging.image_grid_every == 0 or step == 1):
+                sample_grid(logger, step, scored)
+            if (cfg.logging.save_every and step % cfg.logging.save_every == 0) or step == cfg.grpo.max_steps:
+                trainer.save()
+            bar.update(1)
+            bar.set_postfix({k.split("/")[1]: f"{v:.3f}" for k, v in metrics.items()
+                             if k.startswith("reward/") and k.endswith("/mean") and k.count("/") == 2
+                             and isinstance(v, float) and math.isfinite(v)})
+    finally:
+        bar.close()
+        logger.close()
+        trainer.workers.close()
+        trainer.rewards.close()
+    summary = summarize(run_dir / "metrics.jsonl")
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def summarize(metrics_path: Path) -> dict:
+    """First vs last 10% of steps for every reward metric: the 'did it learn' numbers."""
+    rows = [json.loads(ln) for ln in Path(metrics_path).read_text().splitlines() if ln.strip()]
+    if not rows:
+        return {}
+    k = max(1, len(rows) // 10)
+    out = {"steps": rows[-1]["step"]}
+    keys = sorted({key for r in rows for key in r if key.startswith("reward/") and key.endswith("/mean")})
+    for key in keys:
+        first = [r[key] for r in rows[:k] if r.get(key) is not None]
+        last = [r[key] for r in rows[-k:] if r.get(key) is not None]
+        if first and last:
+            out[key] = {"first_10pct": float(np.mean(first)), "last_10pct": float(np.mean(last))}
+    return out
