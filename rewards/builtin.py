@@ -70,4 +70,4 @@ class ExactMatchReward(Reward):
         return RewardOutput.from_scores([float(norm(a) == norm(t)) for a, t in zip(batch.answers, batch.targets)])
 
 
-from . import clip, judges, rules, self_understanding  # noqa: E402,F401  (register the heavier built-ins)
+from . import clip, judges, ray_actor, rules, self_understanding, understanding_model  # noqa: E402,F401  (register the heavier built-ins)

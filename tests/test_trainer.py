@@ -1,0 +1,145 @@
+"""The GRPO loop end to end on the tiny model: frozen base, moving adapter, KL, ratio, resume."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from uniloop.rewards.base import Reward, RewardOutput, register_reward
+from uniloop.rl.config import load_config
+from uniloop.rl.trainer import GRPOTrainer, train_grpo
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def small_cfg(tmp_path, tiny_janus_dir, *extra):
+    return load_config(REPO / "configs" / "quickstart.yaml", [
+        f"output_dir={tmp_path / 'run'}", f"model.name_or_path={tiny_janus_dir}",
+        "rollout.num_generations=4", "image_task.prompts_per_step=2", "text_task.prompts_per_step=2",
+        "logging.progress_bar=false", "logging.tensorboard=false", "grpo.max_steps=2", *extra])
+
+
+def test_step_updates_adapter_only_with_kl_zero_and_ratio_one(tmp_path, tiny_janus_dir):
+    cfg = small_cfg(tmp_path, tiny_janus_dir, "grpo.beta=0.04")
+    tr = GRPOTrainer(cfg)
+    named = dict(tr.policy.model.named_parameters())
+    base_before = {n: p.detach().clone() for n, p in named.items() if "lora_" not in n}
+    lora_before = {n: p.detach().clone() for n, p in named.items() if "lora_" in n}
+    metrics, scored = tr.train_step()
+    assert metrics["kl"] == 0.0, "policy == reference before the first update"
+    assert metrics["ratio/first_step_max_abs_dev"] == 0.0, "rho must be exactly 1 on the first inner step"
+    assert metrics["logprob/sampler_vs_learner_max_abs_diff"] <= 1e-4
+    assert all(torch.equal(p, named[n]) for n, p in base_before.items()), "base weights must stay frozen"
+    changed = [n for n, p in lora_before.items() if not torch.equal(p, named[n])]
+    assert changed, "the adapter must change"
+    for key in ("reward/mean", "reward/color/mean", "reward/exact_match/mean", "reward/self_understanding/mean",
+                "loss", "kl", "clip_fraction", "grad_norm", "time/rollout", "time/reward", "time/update"):
+        assert key in metrics, key
+    metrics2, _ = tr.train_step()
+    assert metrics2["kl"] > 0.0, "after an update the policy has moved away from the reference"
+
+
+def test_several_inner_iterations_keep_sampler_logprobs_as_old(tmp_path, tiny_janus_dir):
+    cfg = small_cfg(tmp_path, tiny_janus_dir, "grpo.num_iterations=2", "grpo.per_device_train_batch_size=4")
+    tr = GRPOTrainer(cfg)
+    m, _ = tr.train_step()
+    assert m["ratio/first_step_max_abs_dev"] <= 1e-5
+    assert m["logprob/sampler_vs_learner_max_abs_diff"] <= 1e-4
+
+
+@register_reward("test_sometimes_nan")
+class SometimesNaN(Reward):
+    modalities = ("image",)
+
+    def score(self, batch, context):
+        s = torch.rand(len(batch))
+        s[::2] = float("nan")
+        return RewardOutput.from_scores(s)
+
+
+@register_reward("test_always_invalid")
+class AlwaysInvalid(Reward):
+    modalities = ("image",)
+
+    def score(self, batch, context):
+        return RewardOutput(torch.zeros(len(batch)), torch.zeros(len(batch), dtype=torch.bool))
+
+
+@register_reward("test_raises")
+class Raises(Reward):
+    modalities = ("image",)
+
+    def score(self, batch, context):
+        raise ZeroDivisionError("boom")
+
+
+def test_nan_rewards_are_excluded_and_counted(tmp_path, tiny_janus_dir):
+    cfg = small_cfg(tmp_path, tiny_janus_dir, "text_task=null", "rewards=[{name: flaky, type: test_sometimes_nan}]")
+    m, scored = GRPOTrainer(cfg).train_step()
+    n = len(scored[0].batch)
+    assert m["reward/flaky/invalid"] == n // 2
+    assert m["reward/invalid_fraction"] == 0.5
+    assert (scored[0].advantages[~scored[0].valid] == 0).all()
+
+
+def test_persistently_invalid_rewards_abort_with_a_clear_message(tmp_path, tiny_janus_dir):
+    cfg = small_cfg(tmp_path, tiny_janus_dir, "text_task=null", "rewards=[{name: judge, type: test_always_invalid}]",
+                    "grpo.invalid_patience=2", "grpo.max_steps=5")
+    with pytest.raises(RuntimeError, match=r"invalid reward for 2 consecutive steps"):
+        train_grpo(cfg)
+
+
+def test_a_raising_reward_names_itself(tmp_path, tiny_janus_dir):
+    cfg = small_cfg(tmp_path, tiny_janus_dir, "text_task=null", "rewards=[{name: broken, type: test_raises}]")
+    with pytest.raises(Exception, match=r"reward 'broken' \(Raises\) failed on image sample 0"):
+        GRPOTrainer(cfg).train_step()
+
+
+def _metrics(run_dir):
+    return {r["step"]: r for r in map(json.loads, (Path(run_dir) / "metrics.jsonl").read_text().splitlines())}
+
+
+def test_killed_run_resumes_exactly(tmp_path, tiny_janus_dir):
+    """Kill -9 a real `uniloop train` after its step-2 checkpoint; --resume must match an uninterrupted run."""
+    common = [f"model.name_or_path={tiny_janus_dir}", "rollout.num_generations=4", "image_task.prompts_per_step=2",
+              "text_task.prompts_per_step=2", "logging.progress_bar=false", "logging.tensorboard=false",
+              "grpo.max_steps=4", "logging.save_every=2", "logging.image_grid_every=0"]
+    ref = load_config(REPO / "configs" / "quickstart.yaml", [f"output_dir={tmp_path / 'straight'}", *common])
+    train_grpo(ref)
+
+    run = tmp_path / "killed"
+    args = [sys.executable, "-m", "uniloop.rl.cli", "train", str(REPO / "configs" / "quickstart.yaml"),
+            *[x for c in [f"output_dir={run}", *common, "grpo.max_steps=1000", "logging.save_every=2"]
+              for x in ("--set", c)]]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ})
+    deadline = time.time() + 240
+    while not (run / "checkpoints" / "step_000002" / "COMPLETE").exists():
+        assert proc.poll() is None and time.time() < deadline, "training subprocess ended or stalled"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    # resume to step 4 (the straight run's length) from whatever checkpoint was complete
+    resumed = load_config(REPO / "configs" / "quickstart.yaml", [f"output_dir={run}", *common])
+    train_grpo(resumed, resume=True)
+    a, b = _metrics(tmp_path / "straight"), _metrics(run)
+    assert sorted(b) == [1, 2, 3, 4]
+    for step in (3, 4):
+        for k in ("reward/mean", "reward/color/mean", "reward/exact_match/mean", "loss", "grad_norm"):
+            assert a[step][k] == pytest.approx(b[step][k], abs=1e-6), (step, k)
+    from safetensors.torch import load_file
+    wa = load_file(str(tmp_path / "straight" / "checkpoints" / "step_000004" / "adapter" / "adapter_model.safetensors"))
+    wb = load_file(str(run / "checkpoints" / "step_000004" / "adapter" / "adapter_model.safetensors"))
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+
+
+def test_cli_rejects_a_bad_key_naming_it(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("seed: 0\nrollout:\n  num_generatoins: 4\n")
+    out = subprocess.run([sys.executable, "-m", "uniloop.rl.cli", "train", str(p)], capture_output=True, text=True)
+    assert out.returncode == 2
+    assert f"{p}:3" in out.stderr and "rollout.num_generatoins" in out.stderr and "num_generations" in out.stderr
