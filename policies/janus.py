@@ -218,8 +218,8 @@ class JanusPolicy:
 
         temperature 0 = greedy. `cfg_scale <= 1` runs the conditional branch alone.
         `sampler`: "auto" (fast static-cache/CUDA-graph sampler on CUDA, plain loop elsewhere),
-        "plain" or "fast" (policies/fast_sampler.py); both give the same tokens and log-probs.
-        """
+        "plain" or "fast" (policies/fast_sampler.py): the same computation (bit-identical on CPU and
+        in float32; in bf16 on a GPU, kernel rounding makes samples drift apart after ~100 tokens)."""
         from .fast_sampler import choose_sampler, fast_sampler_for
 
         B = len(prompts)

@@ -60,8 +60,9 @@ class RolloutConfig:
     cfg_scale: float = uf(5.0, "Classifier-free guidance scale for image sampling (<= 1 disables CFG).")
     temperature: float = uf(1.0, "Sampling temperature (0 = greedy).")
     top_k: int = uf(0, "Top-k filter for image tokens (0 = off).")
-    sampler: str = uf("auto", "Image sampler: `auto` (the fast static-cache/CUDA-graph sampler on CUDA, the plain "
-                      "loop on CPU), `plain` or `fast`; both give the same tokens and log-probs.",
+    sampler: str = uf("auto", "Image sampler: `auto` (the fast static-cache/CUDA-graph sampler on CUDA, the "
+                      "plain loop on CPU), `plain` or `fast`. Same computation: bit-identical on CPU and in "
+                      "float32; bf16 GPU samples drift apart after ~100 tokens (kernel rounding; BENCHMARKS.md).",
                       choices=["auto", "plain", "fast"])
     max_new_tokens: int = uf(16, "Maximum answer length for text (understanding) rollouts.")
     logprob_mode: str = uf("cfg", "Which image distribution the ratio is computed on: `cfg` (the guided one "
@@ -75,6 +76,17 @@ class RolloutConfig:
                             "(0 = strictly on-policy).")
     one_step_off: bool = uf(False, "Sample step k+1 while step k trains (needs num_workers > 0).")
     max_restarts: int = uf(3, "Restarts allowed per rollout actor before the run gives up.")
+
+    def _validate(self, prefix, src):
+        if self.one_step_off and self.num_workers < 1:
+            raise ConfigError(f"{src.where(f'{prefix}.one_step_off')}: key '{prefix}.one_step_off' needs "
+                              f"{prefix}.num_workers >= 1 (Ray actors sample while the learner trains)")
+        if self.one_step_off and self.max_staleness < 1:
+            raise ConfigError(f"{src.where(f'{prefix}.one_step_off')}: key '{prefix}.one_step_off' samples with "
+                              f"the previous adapter: set {prefix}.max_staleness >= 1 (it is {self.max_staleness})")
+        if self.num_workers < 0 or self.max_restarts < 0 or self.max_staleness < 0:
+            raise ConfigError(f"{src.where(prefix)}: {prefix}.num_workers, max_restarts and max_staleness "
+                              f"must be >= 0")
 
 
 @dataclass
@@ -103,7 +115,8 @@ class GRPOConfig:
     std_floor: float = uf(1e-4, "Groups whose reward std is below this get zero advantage (no illusory "
                           "advantages from near-identical samples).")
     num_iterations: int = uf(1, "Inner updates per rollout batch (TRL's num_iterations; mu in the GRPO paper).")
-    per_device_train_batch_size: int = uf(16, "Samples per forward/backward micro-batch.")
+    per_device_train_batch_size: int = uf(16, "Samples per forward/backward micro-batch (0 = the largest that "
+                                          "fits in free GPU memory).")
     gradient_accumulation_steps: int = uf(1, "Micro-batches accumulated per optimizer step (per inner "
                                          "iteration the batch is split into this many optimizer steps... "
                                          "see README: it groups micro-batches).")
@@ -296,6 +309,35 @@ class FlowConfig:
 
 
 @dataclass
+class RolloutJobConfig:
+    """`uniloop rollout`: sample and score a prompt file into resumable shards and a gallery."""
+
+    prompts: str = uf(help="Prompt source: a JSONL file (per line `prompt` -> images, or `image` + `question` "
+                      "-> answers; optional `target`), a text file (one image prompt per line), or a "
+                      "`datasets` directory (save_to_disk) with the same columns.")
+    split: str = uf("train", "Split read from a `datasets` directory that holds several.")
+    prompt_field: str = uf("prompt", "Record field holding an image-generation prompt.")
+    question_field: str = uf("question", "Record field holding a question about `image_field` (answer sampling).")
+    image_field: str = uf("image", "Record field holding the image asked about: a path relative to the prompt "
+                          "file (or absolute), or an image column of a `datasets` directory.")
+    target_field: str = uf("target", "Optional record field with a reference (a color, an answer) for rewards.")
+    samples_per_prompt: int = uf(4, "Samples drawn per prompt (images or answers).")
+    adapter: str | None = uf(None, "Sample from this LoRA adapter: a PEFT adapter directory, a checkpoint "
+                             "(<run>/checkpoints/step_N) or a run directory (its latest checkpoint); null = the "
+                             "base model.")
+    prompts_per_shard: int = uf(16, "Prompts per output shard. A shard (JSONL + PNGs) is written atomically, so "
+                                "an interrupted job loses at most the shards in flight.")
+    limit: int | None = uf(None, "Only the first N prompts of the source (null = all).")
+    gallery_size: int = uf(8, "Best and worst samples (each, per kind) shown in gallery.html.")
+
+    def _validate(self, prefix, src):
+        for key in ("samples_per_prompt", "prompts_per_shard", "gallery_size"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{src.where(f'{prefix}.{key}')}: key '{prefix}.{key}' must be >= 1, "
+                                  f"got {getattr(self, key)}")
+
+
+@dataclass
 class Config:
     seed: int = uf(0, "Random seed; every sample's randomness derives from (seed, step, prompt, sample).")
     output_dir: str = uf("runs/quickstart", "Run directory (config, metrics, grids, checkpoints).")
@@ -313,6 +355,9 @@ class Config:
     dpo: DPOConfig | None = uf(None, "DPO / online DPO options (names follow TRL's DPOConfig).")
     preference_data: PreferenceDataConfig | None = uf(None, "Preference pairs for offline DPO (algorithm: dpo).")
     flow: FlowConfig | None = uf(None, "The flow-matching generator (algorithm: flow_grpo or diffusion_dpo).")
+    job: RolloutJobConfig | None = uf(None, "`uniloop rollout` job: prompt file -> scored samples in shards, "
+                                      "summary and gallery (uses model, lora, rollout, ray, rewards, seed, "
+                                      "output_dir).")
 
 
 # ----------------------------------------------------------------------------- loading

@@ -104,8 +104,7 @@ class GRPOTrainer:
     def update(self, scored: list[ScoredBatch]) -> dict:
         """num_iterations passes over the batch, micro-batched, AdamW on the adapter."""
         g, policy, mode = self.cfg.grpo, self.policy, self.cfg.rollout.logprob_mode
-        micro = [(sb, idx) for sb in scored for idx in _chunks(len(sb.batch), g.per_device_train_batch_size)
-                 if sb.valid[idx].any()]
+        micro = [(sb, idx) for sb in scored for idx in self.micro_batches(sb.batch) if sb.valid[idx].any()]
         # With one optimizer step per rollout batch the learner's own log-probs, detached, are the
         # "old" ones (rho == 1 exactly). With more, every later micro-batch would see updated weights,
         # so the sampling-time policy is frozen in a no-grad pass first.
@@ -118,7 +117,11 @@ class GRPOTrainer:
                 if g.beta != 0.0:
                     with policy.reference():
                         sb.ref_logprobs = self.micro_logprobs(sb.batch, mode, grad=False)
-                if several_updates:
+                if sb.batch.version != policy.version:
+                    # sampled with an older adapter (rollout.one_step_off): the ratio is taken against the
+                    # log-probs the sampler actually used, not the learner's current ones
+                    sb.old_logprobs = sb.batch.logprobs(mode).clone()
+                elif several_updates:
                     sb.old_logprobs = self.micro_logprobs(sb.batch, mode, grad=False)
                     stats["sampler_logprob_diff"].append(
                         ((sb.old_logprobs - sb.batch.logprobs(mode)) * sb.batch.completion_mask).abs().max().item())
@@ -141,7 +144,7 @@ class GRPOTrainer:
                         old = logp.detach()  # fully on-policy: rho is exactly 1 on this pass
                     else:
                         old = sb.old_logprobs[idx].to(logp.device)
-                    if not several_updates:  # learner vs sampler, same weights: must agree
+                    if not several_updates and b.version == policy.version:  # same weights: must agree
                         stats["sampler_logprob_diff"].append(
                             ((logp.detach().cpu() - b.logprobs(mode)) * b.completion_mask).abs().max().item())
                     ref = sb.ref_logprobs[idx].to(logp.device) if sb.ref_logprobs is not None else None
@@ -173,9 +176,18 @@ class GRPOTrainer:
     def micro_logprobs(self, batch, mode: str, grad: bool) -> torch.Tensor:
         out = []
         with torch.set_grad_enabled(grad):
-            for idx in _chunks(len(batch), self.cfg.grpo.per_device_train_batch_size):
+            for idx in self.micro_batches(batch):
                 out.append(self.policy.rollout_logprobs(batch.select(idx), mode).detach().cpu())
         return torch.cat(out)
+
+    def micro_batches(self, batch) -> list[list[int]]:
+        """Row indices per micro-batch; per_device_train_batch_size 0 = sized from free GPU memory."""
+        size = self.cfg.grpo.per_device_train_batch_size
+        if size == 0:
+            from ..policies.microbatch import auto_micro_batch_size
+            size = auto_micro_batch_size(self.policy, len(batch), batch.prompt_ids.shape[1],
+                                         self.cfg.rollout.logprob_mode, self.cfg.rollout.cfg_scale)
+        return _chunks(len(batch), size)
 
     def check_invalid(self, metrics: dict):
         g = self.cfg.grpo

@@ -124,7 +124,8 @@ class RolloutWorker:
                 if request.kind == "image":
                     parts.append(self.policy.sample_images(
                         prompts[sl], seeds[sl], cfg_scale=cfg.cfg_scale, temperature=cfg.temperature,
-                        top_k=cfg.top_k, group_ids=groups[sl], targets=targets[sl]))
+                        top_k=cfg.top_k, group_ids=groups[sl], targets=targets[sl],
+                        sampler=getattr(cfg, "sampler", "auto")))
                 else:
                     parts.append(self.policy.answer(
                         request.images[image_rows[sl]], prompts[sl], seeds[sl], max_new_tokens=cfg.max_new_tokens,
