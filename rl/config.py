@@ -217,10 +217,11 @@ class DPOConfig:
                                         "instead of a reference forward per step.")
     precompute_ref_batch_size: int | None = uf(None, "Pairs per forward while precomputing (null = "
                                                "per_device_eval_batch_size).")
-    logprob_mode: str = uf("conditional", "Image log-probs from the conditional branch (`conditional`) or the "
-                           "CFG-guided distribution (`cfg`, uses cfg_scale, doubles the forward).",
-                           choices=["conditional", "cfg"])
-    cfg_scale: float = uf(5.0, "Guidance scale of the `cfg` log-prob mode.")
+    logprob_mode: str = uf("conditional", "Offline DPO: image log-probs from the conditional branch "
+                           "(`conditional`) or the CFG-guided distribution (`cfg`, uses cfg_scale, doubles the "
+                           "forward). online_dpo uses rollout.logprob_mode / rollout.cfg_scale, what it samples "
+                           "with.", choices=["conditional", "cfg"])
+    cfg_scale: float = uf(5.0, "Offline DPO: guidance scale of the `cfg` log-prob mode.")
     learning_rate: float = uf(1e-5, "AdamW learning rate for the adapter.")
     weight_decay: float = uf(0.0, "AdamW weight decay.")
     adam_beta1: float = uf(0.9, "AdamW beta1.")
