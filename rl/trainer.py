@@ -275,9 +275,12 @@ def sample_grid(logger: RunLogger, step: int, scored: list[ScoredBatch], max_ima
     for sb in scored:
         if sb.batch.kind != "image":
             continue
-        n = min(max_images, len(sb.batch))
-        caps = [f"{sb.batch.prompts[i]} r={sb.rewards[i]:.2f}" for i in range(n)]
-        logger.save_grid(step, sb.batch.images[:n], caps)
+        # a few samples of every prompt: one row per group
+        groups = sb.batch.group_ids.unique().tolist()
+        per = max(1, max_images // max(len(groups), 1))
+        idx = [i for g in groups for i in (sb.batch.group_ids == g).nonzero().flatten().tolist()[:per]]
+        caps = [f"{sb.batch.prompts[i]} r={sb.rewards[i]:.2f}" for i in idx]
+        logger.save_grid(step, sb.batch.images[idx], caps, cols=per)
 
 
 def make_worker_pool(cfg: Config):
