@@ -105,10 +105,13 @@ def build_tiny_janus(path: str | os.PathLike, seed: int = 0, **overrides) -> Pat
                           projection_dim=h, image_token_embed_dim=h)
     config = JanusConfig(text_config=text, vision_config=vision, vq_config=vq,
                          image_token_id=tokenizer.convert_tokens_to_ids("<image_placeholder>"))
-    torch.manual_seed(seed)
-    model = JanusForConditionalGeneration(config)
-    _scale_output_heads(model, h)
-    fit_palette_vq(model.model.vqmodel, steps=spec["vq_fit_steps"], seed=seed)
+    # fork_rng: building the model must not move the caller's global RNG (a run that builds the
+    # tiny model would otherwise initialise its adapter differently from one that finds it cached)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = JanusForConditionalGeneration(config)
+        _scale_output_heads(model, h)
+        fit_palette_vq(model.model.vqmodel, steps=spec["vq_fit_steps"], seed=seed)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id

@@ -74,7 +74,8 @@ class RolloutConfig:
     num_cpus_per_worker: float = uf(1.0, "CPUs per rollout actor.")
     max_staleness: int = uf(0, "Largest allowed gap between the learner's adapter version and a rollout's "
                             "(0 = strictly on-policy).")
-    one_step_off: bool = uf(False, "Sample step k+1 while step k trains (needs num_workers > 0).")
+    one_step_off: bool = uf(False, "Sample step k+1 while step k trains (needs num_workers > 0 and "
+                             "max_staleness >= 1); the importance ratio uses the sampler's recorded log-probs.")
     max_restarts: int = uf(3, "Restarts allowed per rollout actor before the run gives up.")
 
     def _validate(self, prefix, src):
