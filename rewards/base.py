@@ -73,6 +73,49 @@ class RewardSpec:
     name: str
     weight: float
     reward: Reward
+    normalize: str = "none"  # none | group (z-score within the prompt's group) | running (mean/std so far)
+    clip: tuple[float, float] | None = None  # clamp the (normalised) component to [lo, hi]
+
+
+NORMALIZE_MODES = ("none", "group", "running")
+COMBINE_MODES = ("sum_then_normalize", "normalize_then_sum")
+
+
+def group_zscore(scores: torch.Tensor, valid: torch.Tensor, group_ids: torch.Tensor, eps: float = 1e-6):
+    """z-score of each valid score within its group (a group with < 2 valid samples or no spread -> 0)."""
+    out = torch.zeros_like(scores)
+    for g in group_ids.unique():
+        m = (group_ids == g) & valid
+        if m.sum() < 2:
+            continue
+        x = scores[m]
+        std = x.std()
+        if std > eps:
+            out[m] = (x - x.mean()) / std
+    return out
+
+
+class RunningStats:
+    """Mean/std of every valid score seen so far (Chan's parallel update): normalises a component
+    whose scale is unknown up front (a judge's 1-10 next to a 0-1 rule) without per-group noise."""
+
+    def __init__(self):
+        self.n, self.mean, self.m2 = 0, 0.0, 0.0
+
+    def update(self, x: torch.Tensor):
+        if len(x) == 0:
+            return
+        n_b, mean_b = len(x), float(x.mean())
+        m2_b = float(((x - mean_b) ** 2).sum())
+        n = self.n + n_b
+        delta = mean_b - self.mean
+        self.mean += delta * n_b / n
+        self.m2 += m2_b + delta ** 2 * self.n * n_b / n
+        self.n = n
+
+    @property
+    def std(self) -> float:
+        return (self.m2 / (self.n - 1)) ** 0.5 if self.n > 1 else 1.0
 
 
 @dataclass
@@ -86,9 +129,22 @@ class MixtureOutput:
 class RewardMixture:
     """Weighted sum of named rewards. A component applies to the modalities it declares."""
 
-    def __init__(self, specs: list[RewardSpec]):
+    def __init__(self, specs: list[RewardSpec], combine: str = "sum_then_normalize"):
+        """combine: `sum_then_normalize` adds the (optionally normalised/clipped) components with their
+        weights and leaves normalisation to the advantage; `normalize_then_sum` z-scores each component
+        within its group first (components without an explicit `normalize` get `group`), so a
+        component's weight sets its share of the advantage whatever its scale."""
         if not specs:
             raise ValueError("at least one reward must be configured")
+        if combine not in COMBINE_MODES:
+            raise ValueError(f"reward combine mode must be one of {COMBINE_MODES}, got {combine!r}")
+        for sp in specs:
+            if sp.normalize not in NORMALIZE_MODES:
+                raise ValueError(f"reward {sp.name!r}: normalize must be one of {NORMALIZE_MODES}, got {sp.normalize!r}")
+            if sp.clip is not None and (len(sp.clip) != 2 or sp.clip[0] > sp.clip[1]):
+                raise ValueError(f"reward {sp.name!r}: clip must be [low, high] with low <= high, got {sp.clip!r}")
+        self.combine = combine
+        self.running = {sp.name: RunningStats() for sp in specs}
         names = [s.name for s in specs]
         dupes = {n for n in names if names.count(n) > 1}
         if dupes:
@@ -118,8 +174,24 @@ class RewardMixture:
             out = RewardOutput(out.scores.float(), v, out.details)
             comps[spec.name] = out
             valid &= v
-            total += spec.weight * torch.where(v, out.scores.float(), torch.zeros(()))
+            total += spec.weight * torch.where(v, self.transform(spec, out, batch), torch.zeros(()))
         return MixtureOutput(total=total, valid=valid, components=comps)
+
+    def transform(self, spec: RewardSpec, out: RewardOutput, batch) -> torch.Tensor:
+        """The component as it enters the weighted sum: normalised and clipped as configured."""
+        x = out.scores
+        mode = spec.normalize
+        if mode == "none" and self.combine == "normalize_then_sum":
+            mode = "group"
+        if mode == "group":
+            x = group_zscore(x, out.valid, batch.group_ids)
+        elif mode == "running":
+            stats = self.running[spec.name]
+            stats.update(x[out.valid])
+            x = (x - stats.mean) / max(stats.std, 1e-6)
+        if spec.clip is not None:
+            x = x.clamp(spec.clip[0], spec.clip[1])
+        return x
 
     def close(self):
         for s in self.specs:

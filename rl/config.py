@@ -150,6 +150,10 @@ class RewardConfig:
     type: str = uf("", "Registered reward type (color, exact_match, clip, self_understanding, ...); "
                    "default = name.")
     weight: float = uf(1.0, "Weight in the mixture.")
+    normalize: str = uf("none", "Per-component normalisation before weighting: `none`, `group` (z-score within "
+                        "the prompt's group) or `running` (running mean/std over the run).",
+                        choices=["none", "group", "running"])
+    clip: list[float] | None = uf(None, "Clamp the (normalised) component to [low, high], e.g. [-3, 3].")
     args: dict = uf(help="Keyword arguments for the reward's constructor.", factory=dict)
 
 
@@ -353,6 +357,10 @@ class Config:
     image_task: ImageTaskConfig | None = uf(None, "prompt -> image task (null = none).")
     text_task: TextTaskConfig | None = uf(None, "(image, question) -> answer task (null = none).")
     rewards: list[RewardConfig] = uf(help="The reward mixture.", factory=list)
+    reward_combine: str = uf("sum_then_normalize", "`sum_then_normalize`: weighted sum of the components, "
+                             "the advantage normalises the total; `normalize_then_sum`: each component is "
+                             "z-scored within its group first (unless it sets `normalize`), then weighted.",
+                             choices=["sum_then_normalize", "normalize_then_sum"])
     logging: LoggingConfig = uf(help="Logging and checkpointing.", factory=LoggingConfig)
     dpo: DPOConfig | None = uf(None, "DPO / online DPO options (names follow TRL's DPOConfig).")
     preference_data: PreferenceDataConfig | None = uf(None, "Preference pairs for offline DPO (algorithm: dpo).")

@@ -64,7 +64,7 @@ def save_image_grid(images: torch.Tensor, captions: list[str], path: str | Path,
     n = len(images)
     cols = cols or min(n, 8)
     rows = (n + cols - 1) // cols
-    text_h = 28
+    text_h = 40
     grid = Image.new("RGB", (cols * cell, rows * (cell + text_h)), "white")
     draw = ImageDraw.Draw(grid)
     for i in range(n):
@@ -73,7 +73,7 @@ def save_image_grid(images: torch.Tensor, captions: list[str], path: str | Path,
         x, y = (i % cols) * cell, (i // cols) * (cell + text_h)
         grid.paste(im, (x, y))
         cap = captions[i] if i < len(captions) else ""
-        for j, line in enumerate([cap[:22], cap[22:44]]):
+        for j, line in enumerate([cap[:22], cap[22:44], cap[44:66]]):
             draw.text((x + 2, y + cell + 1 + 12 * j), line, fill="black")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -34,8 +34,9 @@ def build_rewards(cfg: Config, run_dir: Path) -> RewardMixture:
             reward = types[tname](**args)
         except TypeError as e:
             raise ValueError(f"rewards[{i}] ({rc.name!r}): bad args for {tname}: {e}") from None
-        specs.append(RewardSpec(rc.name, rc.weight, reward))
-    return RewardMixture(specs)
+        specs.append(RewardSpec(rc.name, rc.weight, reward, normalize=rc.normalize,
+                                clip=tuple(rc.clip) if rc.clip is not None else None))
+    return RewardMixture(specs, combine=cfg.reward_combine)
 
 
 @dataclass
@@ -279,7 +280,10 @@ def sample_grid(logger: RunLogger, step: int, scored: list[ScoredBatch], max_ima
         groups = sb.batch.group_ids.unique().tolist()
         per = max(1, max_images // max(len(groups), 1))
         idx = [i for g in groups for i in (sb.batch.group_ids == g).nonzero().flatten().tolist()[:per]]
-        caps = [f"{sb.batch.prompts[i]} r={sb.rewards[i]:.2f}" for i in idx]
+        # per-component breakdown under each image: "r=0.71 color=.80 self_understanding=.42"
+        comps = getattr(sb, "components", {}) or {}
+        caps = [f"{sb.batch.prompts[i]} r={sb.rewards[i]:.2f} "
+                + " ".join(f"{n[:6]}={c.scores[i]:.2f}" for n, c in comps.items()) for i in idx]
         logger.save_grid(step, sb.batch.images[idx], caps, cols=per)
 
 
