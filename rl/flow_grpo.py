@@ -20,8 +20,6 @@ init_adapter), `image_task`, `rewards`, `logging`.
 """
 from __future__ import annotations
 
-import json
-import math
 import time
 from pathlib import Path
 
@@ -35,10 +33,9 @@ from .algorithms import register_algorithm
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
 from .config import Config, FlowConfig, save_config
 from .grpo import grpo_advantages
-from .runlog import RunLogger
 from .tasks import ImageTask
 from .trainer import (InProcessPool, ScoredBatch, _chunks, _seed_everything, build_rewards, reward_metrics,
-                      sample_grid, summarize)
+                      run_rl_loop)
 
 
 def flow_grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, epsilon: float,
@@ -208,47 +205,19 @@ class FlowGRPOTrainer:
 
 
 def make_flow_worker_pool(cfg: Config):
+    """Ray actors sampling the flow policy when rollout.num_workers > 0, else None (in-process)."""
     if cfg.rollout.num_workers > 0:
-        raise ValueError("flow_grpo samples in-process for now: set rollout.num_workers: 0 "
-                         "(Ray rollout actors serve the Janus policy)")
+        from ..rollouts.ray_pool import RayWorkerPool
+        return RayWorkerPool(cfg)
     return None
 
 
 @register_algorithm("flow_grpo")
 def train_flow_grpo(cfg: Config, resume: bool = False) -> dict:
-    from tqdm.auto import tqdm
-
     run_dir = Path(cfg.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if cfg.flow is None:
         cfg.flow = FlowConfig()
     save_config(cfg, run_dir / "config.yaml")
-    trainer = FlowGRPOTrainer(cfg, worker_pool=make_flow_worker_pool(cfg))
-    logger = RunLogger(run_dir, tensorboard=cfg.logging.tensorboard)
-    if resume and trainer.resume():
-        logger.truncate_after(trainer.step)
-        print(f"resumed from step {trainer.step} ({latest_checkpoint(run_dir)})")
-    bar = tqdm(total=cfg.grpo.max_steps, initial=trainer.step, desc="flow_grpo",
-               disable=not cfg.logging.progress_bar, dynamic_ncols=True)
-    try:
-        while trainer.step < cfg.grpo.max_steps:
-            metrics, scored = trainer.train_step()
-            step = trainer.step
-            if step % cfg.logging.log_every == 0 or step == cfg.grpo.max_steps:
-                logger.log(step, metrics)
-            if cfg.logging.image_grid_every and (step % cfg.logging.image_grid_every == 0 or step == 1):
-                sample_grid(logger, step, scored)
-            if (cfg.logging.save_every and step % cfg.logging.save_every == 0) or step == cfg.grpo.max_steps:
-                trainer.save()
-            bar.update(1)
-            bar.set_postfix({k.split("/")[1]: f"{v:.3f}" for k, v in metrics.items()
-                             if k.startswith("reward/") and k.endswith("/mean") and k.count("/") == 2
-                             and isinstance(v, float) and math.isfinite(v)})
-    finally:
-        bar.close()
-        logger.close()
-        trainer.workers.close()
-        trainer.rewards.close()
-    summary = summarize(run_dir / "metrics.jsonl")
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    return summary
+    return run_rl_loop(cfg, FlowGRPOTrainer(cfg, worker_pool=make_flow_worker_pool(cfg)), resume,
+                       desc="flow_grpo")

@@ -297,24 +297,27 @@ def make_worker_pool(cfg: Config):
 
 @register_algorithm("grpo")
 def train_grpo(cfg: Config, resume: bool = False) -> dict:
+    Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+    save_config(cfg, Path(cfg.output_dir) / "config.yaml")
+    return run_rl_loop(cfg, GRPOTrainer(cfg, worker_pool=make_worker_pool(cfg)), resume, desc="grpo")
+
+
+def run_rl_loop(cfg: Config, trainer, resume: bool, desc: str) -> dict:
+    """Step a trainer (anything with train_step/save/resume/step/workers/rewards) to grpo.max_steps,
+    with metrics, sample grids, checkpoints and a progress bar; returns the first-vs-last summary."""
     from tqdm.auto import tqdm
 
     run_dir = Path(cfg.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
-    trainer = GRPOTrainer(cfg, worker_pool=make_worker_pool(cfg))
     logger = RunLogger(run_dir, tensorboard=cfg.logging.tensorboard)
     if resume and trainer.resume():
         logger.truncate_after(trainer.step)
         print(f"resumed from step {trainer.step} ({latest_checkpoint(run_dir)})")
-    history = []
-    bar = tqdm(total=cfg.grpo.max_steps, initial=trainer.step, desc="grpo", disable=not cfg.logging.progress_bar,
+    bar = tqdm(total=cfg.grpo.max_steps, initial=trainer.step, desc=desc, disable=not cfg.logging.progress_bar,
                dynamic_ncols=True)
     try:
         while trainer.step < cfg.grpo.max_steps:
             metrics, scored = trainer.train_step()
             step = trainer.step
-            history.append(metrics)
             if step % cfg.logging.log_every == 0 or step == cfg.grpo.max_steps:
                 logger.log(step, metrics)
             if cfg.logging.image_grid_every and (step % cfg.logging.image_grid_every == 0 or step == 1):

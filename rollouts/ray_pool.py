@@ -83,12 +83,18 @@ def state_nbytes(state: dict[str, torch.Tensor]) -> int:
 
 # ----------------------------------------------------------------------------- the actor
 class RolloutActor:
-    """Body of the Ray actor: one `RolloutWorker` with its own policy copy."""
+    """Body of the Ray actor: one `RolloutWorker` (Janus) or, given `flow_cfg`, one `FlowRolloutWorker`
+    (flow_grpo), with its own policy copy."""
 
-    def __init__(self, model_cfg, lora_cfg, rollout_cfg, seed: int, num_threads: int):
+    def __init__(self, model_cfg, lora_cfg, rollout_cfg, seed: int, num_threads: int, flow_cfg=None):
         _quiet_hf()
         torch.set_num_threads(max(1, num_threads))
-        self.worker = RolloutWorker.from_config(model_cfg, lora_cfg, rollout_cfg, seed)
+        if flow_cfg is not None:
+            from .flow_worker import FlowRolloutWorker
+            # flow_cfg.name_or_path is already resolved by the driver (`resolve_flow_path`)
+            self.worker = FlowRolloutWorker.from_config(flow_cfg, lora_cfg, seed)
+        else:
+            self.worker = RolloutWorker.from_config(model_cfg, lora_cfg, rollout_cfg, seed)
         self.policy = self.worker.policy
 
     def ready(self) -> dict:
@@ -198,15 +204,21 @@ class RayWorkerPool:
         self.rc = rc
         self.started_ray = init_ray(cfg.ray)
         self._check_resources()
-        model_cfg = dataclasses.replace(cfg.model, name_or_path=resolve_model_path(cfg),
-                                        device="cuda" if rc.num_gpus_per_worker > 0 else "cpu",
-                                        gradient_checkpointing=False)
+        device = "cuda" if rc.num_gpus_per_worker > 0 else "cpu"
+        model_cfg, flow_cfg = None, None
+        if getattr(cfg, "algorithm", None) == "flow_grpo":  # the actors sample the flow policy, not Janus
+            from ..rl.config import FlowConfig
+            flow_cfg = dataclasses.replace(cfg.flow or FlowConfig(), name_or_path=resolve_flow_path(cfg),
+                                           device=device, gradient_checkpointing=False)
+        else:
+            model_cfg = dataclasses.replace(cfg.model, name_or_path=resolve_model_path(cfg), device=device,
+                                            gradient_checkpointing=False)
         lora_cfg = cfg.lora if use_lora else None
         actor_cls = ray.remote(RolloutActor)
         handles = [actor_cls.options(num_cpus=rc.num_cpus_per_worker, num_gpus=rc.num_gpus_per_worker,
                                      max_restarts=rc.max_restarts, max_task_retries=0,
                                      name=None).remote(model_cfg, lora_cfg, rc, cfg.seed,
-                                                       max(1, int(rc.num_cpus_per_worker)))
+                                                       max(1, int(rc.num_cpus_per_worker)), flow_cfg=flow_cfg)
                    for _ in range(rc.num_workers)]
         self.slots: list[_ActorSlot] = []
         ready = [h.ready.remote() for h in handles]
@@ -470,6 +482,20 @@ def resolve_model_path(cfg) -> str:
     from ..policies.tiny import build_tiny_janus
     tiny_dir = m.tiny_dir or (Path(cfg.output_dir).parent / ".tiny_models" / f"janus_seed{cfg.seed}")
     return str(Path(build_tiny_janus(tiny_dir, **(m.tiny or {}))).absolute())
+
+
+def resolve_flow_path(cfg) -> str:
+    """The flow pipeline directory the actors load; `tiny` is built once here, in the driver, at the path
+    the flow_grpo learner uses (`default_tiny_dir`), so actors and learner read one checkpoint."""
+    from ..rollouts.flow_worker import default_tiny_dir
+
+    f = cfg.flow
+    if f is None or f.name_or_path == "tiny":
+        from ..policies.flow import build_tiny_sd3
+        tiny_dir = (f.tiny_dir if f is not None else "") or default_tiny_dir(cfg.output_dir, cfg.seed)
+        return str(Path(build_tiny_sd3(tiny_dir, seed=cfg.seed, **((f.tiny if f is not None else None) or {})))
+                   .absolute())
+    return f.name_or_path
 
 
 def kill_actor_process(pool: RayWorkerPool, index: int, sig: int = signal.SIGKILL) -> int:

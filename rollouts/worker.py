@@ -140,6 +140,8 @@ def concat_rollouts(parts):
     if len(parts) == 1:
         return parts[0]
     cls = type(parts[0])
+    if not hasattr(parts[0], "prompt_ids"):  # no token padding to align (FlowRollout: fixed-shape latents)
+        return cls.concat(parts)
     if cls is ImageRollout:
         L = max(p.prompt_ids.shape[1] for p in parts)
         parts = [_left_pad(p, "prompt_ids", "prompt_mask", L) for p in parts]

@@ -20,6 +20,13 @@ def tiny_janus_dir(tmp_path_factory):
     return build_tiny_janus(tmp_path_factory.mktemp("models") / "tiny_janus", seed=0)
 
 
+@pytest.fixture(scope="session")
+def tiny_sd3_dir(tmp_path_factory):
+    """A tiny real StableDiffusion3Pipeline directory (built once per session: ~10 s)."""
+    from uniloop.policies.flow import build_tiny_sd3
+    return build_tiny_sd3(tmp_path_factory.mktemp("models") / "tiny_sd3", seed=0)
+
+
 @pytest.fixture()
 def tiny_policy(tiny_janus_dir):
     from uniloop.policies.janus import JanusPolicy

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from uniloop.policies.flow import FlowPolicy, FlowRollout, build_tiny_sd3, sde_step
+from uniloop.policies.flow import FlowPolicy, FlowRollout, sde_step
 from uniloop.policies.tiny import solid_color_images
 from uniloop.rl.config import load_config
 
@@ -22,11 +22,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="session")
-def tiny_sd3_dir(tmp_path_factory):
-    return build_tiny_sd3(tmp_path_factory.mktemp("models") / "tiny_sd3", seed=0)
 
 
 def load_policy(path, lora=True):
