@@ -37,7 +37,7 @@ from ..rollouts.worker import RolloutRequest
 from .algorithms import register_algorithm
 from .config import FlowConfig
 from .dpo import (EVAL_SEED_STEP, PairLogps, clip_and_step, dpo_losses, loss_kwargs, make_optimizer, run_loop,
-                  split_records, summarize_outputs)
+                  read_train_eval, summarize_outputs)
 
 EVAL_NOISE_SEED = 12345  # held-out pairs are scored with the same (t, noise) at every evaluation
 
@@ -103,7 +103,6 @@ def diffusion_dpo_loss(err_w: torch.Tensor, err_l: torch.Tensor, ref_err_w: torc
 def load_latent_pairs(cfg, policy: FlowPolicy, run_dir: Path) -> tuple[LatentPairs, LatentPairs, dict]:
     """Train and held-out generation pairs of `preference_data`, images encoded to latents (validated up front)."""
     from .dpo import write_synthetic_preference_set
-    from .preference_data import PreferenceRecords, read_preference_records
 
     pd = cfg.preference_data
     if pd is None:
@@ -118,14 +117,7 @@ def load_latent_pairs(cfg, policy: FlowPolicy, run_dir: Path) -> tuple[LatentPai
             eval_src.append(str(ev))
     if not train_src:
         raise ValueError("preference_data.train is empty and no `synthetic` set is configured")
-    train = PreferenceRecords(source=",".join(train_src))
-    for s in train_src:
-        train.extend(read_preference_records(s, split=pd.split, skip_invalid=pd.skip_invalid))
-    held = PreferenceRecords(source=",".join(eval_src))
-    for s in eval_src:
-        held.extend(read_preference_records(s, split=pd.eval_split, skip_invalid=pd.skip_invalid))
-    if not eval_src and pd.eval_fraction > 0:
-        train, held = split_records(train, pd.eval_fraction, cfg.seed)
+    train, held = read_train_eval(pd, train_src, eval_src, cfg.seed)
     if not train.generation:
         raise ValueError(f"no generation pairs (prompt, chosen image, rejected image) in {train.source}")
     info = {"data/train_pairs": len(train.generation), "data/eval_pairs": len(held.generation),

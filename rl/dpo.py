@@ -327,14 +327,7 @@ def load_run_data(cfg, policy, run_dir: Path) -> tuple[PreferenceSet, Preference
             eval_src.append(str(ev))
     if not train_src:
         raise ValueError("preference_data.train is empty and no `synthetic` set is configured")
-    train = PreferenceRecords(source=",".join(train_src))
-    for s in train_src:
-        train.extend(read_preference_records(s, split=pd.split, skip_invalid=pd.skip_invalid))
-    held = PreferenceRecords(source=",".join(eval_src))
-    for s in eval_src:
-        held.extend(read_preference_records(s, split=pd.eval_split, skip_invalid=pd.skip_invalid))
-    if not eval_src and pd.eval_fraction > 0:
-        train, held = split_records(train, pd.eval_fraction, cfg.seed)
+    train, held = read_train_eval(pd, train_src, eval_src, cfg.seed)
     if not len(train):
         raise ValueError(f"no training pairs left in {train.source} (skipped {train.skipped})")
     cache = Path(pd.cache_dir) if pd.cache_dir else run_dir / "cache"
@@ -346,6 +339,20 @@ def load_run_data(cfg, policy, run_dir: Path) -> tuple[PreferenceSet, Preference
         print(f"preference data: skipped {info['data/skipped_records']} invalid record(s); first: "
               f"{(train.problems + held.problems)[0]}")
     return train_set, eval_set, info
+
+
+def read_train_eval(pd, train_src: list[str], eval_src: list[str], seed: int):
+    """Training and held-out records from the configured sources (a held-out fraction of the training
+    records when no eval source is given)."""
+    train = PreferenceRecords(source=",".join(train_src))
+    for src in train_src:
+        train.extend(read_preference_records(src, split=pd.split, skip_invalid=pd.skip_invalid))
+    held = PreferenceRecords(source=",".join(eval_src))
+    for src in eval_src:
+        held.extend(read_preference_records(src, split=pd.eval_split, skip_invalid=pd.skip_invalid))
+    if not eval_src and pd.eval_fraction > 0:
+        train, held = split_records(train, pd.eval_fraction, seed)
+    return train, held
 
 
 def split_records(records: PreferenceRecords, fraction: float, seed: int):

@@ -34,7 +34,7 @@ from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set
 from .config import Config, FlowConfig, save_config
 from .grpo import grpo_advantages
 from .tasks import ImageTask
-from .trainer import (InProcessPool, ScoredBatch, _chunks, _seed_everything, build_rewards, reward_metrics,
+from .trainer import (GRPOTrainer, InProcessPool, ScoredBatch, _chunks, _seed_everything, build_rewards, reward_metrics,
                       run_rl_loop)
 
 
@@ -173,17 +173,7 @@ class FlowGRPOTrainer:
                 "logprob/sampler_vs_learner_max_abs_diff": max(stats["sampler_diff"] or [0.0]),
                 "flow/trained_transitions": len(transitions)}
 
-    def check_invalid(self, metrics: dict):
-        g = self.cfg.grpo
-        if metrics.get("reward/invalid_fraction", 0.0) > g.max_invalid_fraction:
-            self.invalid_streak += 1
-            if self.invalid_streak >= g.invalid_patience:
-                raise RuntimeError(
-                    f"step {self.step}: {metrics['reward/invalid_fraction']:.0%} of samples had an invalid reward "
-                    f"for {self.invalid_streak} consecutive steps (limit grpo.max_invalid_fraction="
-                    f"{g.max_invalid_fraction}); see reward/<name>/invalid in {self.run_dir / 'metrics.jsonl'}")
-        else:
-            self.invalid_streak = 0
+    check_invalid = GRPOTrainer.check_invalid  # same invalid-reward abort rule as the Janus loop
 
     # ------------------------------------------------------------------ checkpoints
     def save(self):
