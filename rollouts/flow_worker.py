@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..policies.flow import FlowPolicy, FlowRollout, build_tiny_sd3
-from .worker import RolloutRequest, sample_seed
+from .worker import RolloutRequest, RolloutWorker, sample_seed
 
 
 def default_tiny_dir(output_dir: str | Path, seed: int) -> Path:
@@ -36,31 +36,18 @@ def make_flow_policy(flow_cfg, lora_cfg=None, tiny_dir: str | Path | None = None
     return policy
 
 
-class FlowRolloutWorker:
-    """Samples FlowRollouts for image requests. In-process it may share the learner's policy object."""
+class FlowRolloutWorker(RolloutWorker):
+    """Samples FlowRollouts for image requests; adapter sync and versioning are RolloutWorker's.
+
+    `cfg` is the `flow` config section (sampling settings live there for flow policies).
+    """
 
     def __init__(self, policy: FlowPolicy, flow_cfg, seed: int, shares_learner_policy: bool = False):
-        self.policy = policy
-        self.cfg = flow_cfg
-        self.seed = seed
-        self.shares_learner_policy = shares_learner_policy
+        super().__init__(policy, flow_cfg, seed, shares_learner_policy)
 
     @classmethod
     def from_config(cls, flow_cfg, lora_cfg, seed: int, tiny_dir=None):
         return cls(make_flow_policy(flow_cfg, lora_cfg, tiny_dir, seed), flow_cfg, seed)
-
-    @property
-    def version(self) -> int:
-        return self.policy.version
-
-    def set_adapter(self, state: dict | None, version: int):
-        """Load the learner's adapter tensors (None when the policy object is shared with the learner)."""
-        if state is not None:
-            self.policy.set_adapter_state_dict(state, version)
-        else:
-            if not self.shares_learner_policy:
-                raise ValueError("a worker with its own policy copy needs the adapter tensors")
-            self.policy.version = version
 
     def generate(self, request: RolloutRequest) -> FlowRollout:
         if request.kind != "image":
