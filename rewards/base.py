@@ -7,6 +7,9 @@ computation, never silently scored 0, and are counted in the metrics.
 from __future__ import annotations
 
 import math
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -54,9 +57,19 @@ class Reward:
 
     modalities: tuple[str, ...] = ("image", "text")
     registry_name = "reward"
+    # Score in a background thread while the next chunk of the step samples (`async_scoring`): worth it
+    # for rewards that wait on something else (an HTTP judge, a reward actor, a model on its own device).
+    run_async: bool = False
+    # Reads `context.policy`, the model being sampled and trained: such a reward must run in the main
+    # thread between sampling calls (it may switch the adapter off), never in the background.
+    uses_policy: bool = False
 
     def score(self, batch: ImageRollout | TextRollout, context: "RewardContext") -> RewardOutput:
         raise NotImplementedError
+
+    def metrics(self) -> dict[str, float]:
+        """Run-level counters of the reward itself (restarts of its actor...), logged as reward/<name>/<key>."""
+        return {}
 
     def close(self):
         """Release resources (servers, actors). Called once at the end of a run."""
@@ -75,6 +88,14 @@ class RewardSpec:
     reward: Reward
     normalize: str = "none"  # none | group (z-score within the prompt's group) | running (mean/std so far)
     clip: tuple[float, float] | None = None  # clamp the (normalised) component to [lo, hi]
+    run_async: bool | None = None  # None = the reward's own default (`Reward.run_async`)
+
+    def __post_init__(self):
+        if self.run_async is None:
+            self.run_async = bool(getattr(self.reward, "run_async", False))
+        if self.run_async and getattr(self.reward, "uses_policy", False):
+            raise ValueError(f"reward {self.name!r} ({type(self.reward).__name__}) judges with the policy being "
+                             f"trained, so it cannot be scored in the background: set async_scoring: false")
 
 
 NORMALIZE_MODES = ("none", "group", "running")
@@ -150,32 +171,73 @@ class RewardMixture:
         if dupes:
             raise ValueError(f"reward names must be unique, repeated: {sorted(dupes)}")
         self.specs = specs
+        self._lanes: dict[str, ThreadPoolExecutor] = {}
+        self._lock = threading.Lock()
+        self.busy_seconds: dict[str, float] = {}
 
     def applicable(self, kind: str) -> list[RewardSpec]:
         return [s for s in self.specs if kind in s.reward.modalities]
 
     def __call__(self, batch, context: RewardContext) -> MixtureOutput:
-        B = len(batch)
-        total = torch.zeros(B)
-        valid = torch.ones(B, dtype=torch.bool)
-        comps: dict[str, RewardOutput] = {}
+        """Score `batch` with every applicable component and combine them (synchronously)."""
+        return self.mix(batch, self.submit(batch, context).result())
+
+    @property
+    def has_async(self) -> bool:
+        return any(s.run_async for s in self.specs)
+
+    def submit(self, batch, context: RewardContext) -> "PendingScores":
+        """Start scoring `batch`: components with `run_async` go to background threads and return at
+        once; the others are scored here and now. `.result()` gives the raw component outputs, which
+        `mix` turns into the mixture (so chunks scored apart can be merged first; see
+        `merge_components`)."""
         specs = self.applicable(batch.kind)
         if not specs:
             raise ValueError(f"no configured reward scores {batch.kind} rollouts "
                              f"(rewards: {[s.name for s in self.specs]})")
+        pending = PendingScores(batch, context)
         for spec in specs:
-            try:
-                out = spec.reward.score(batch, context)
-            except Exception as e:  # name the reward and the sample; the caller decides whether to abort
-                raise RewardError(describe_failure(spec, batch, context, e)) from e
+            if spec.run_async:
+                # one background lane per component: its chunks are scored in order, one at a time (a
+                # reward need not be thread-safe); different components run side by side
+                if spec.name not in self._lanes:
+                    self._lanes[spec.name] = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"reward-{spec.name}")
+                lane = self._lanes[spec.name]
+                pending.futures[spec.name] = (spec, lane.submit(self._timed_score, spec, batch, context))
+            else:
+                pending.futures[spec.name] = (spec, _done(self._timed_score, spec, batch, context))
+        return pending
+
+    def _timed_score(self, spec: RewardSpec, batch, context: RewardContext) -> RewardOutput:
+        t0 = time.perf_counter()
+        try:
+            return spec.reward.score(batch, context)
+        finally:
+            with self._lock:
+                self.busy_seconds[spec.name] = self.busy_seconds.get(spec.name, 0.0) + time.perf_counter() - t0
+
+    def pop_busy_seconds(self) -> dict[str, float]:
+        """Seconds each component spent scoring since the last call (async ones overlap sampling)."""
+        with self._lock:
+            out, self.busy_seconds = self.busy_seconds, {}
+        return out
+
+    def mix(self, batch, comps: dict[str, RewardOutput]) -> MixtureOutput:
+        """The weighted (normalised, clipped) sum of raw component outputs over the whole batch."""
+        B = len(batch)
+        total = torch.zeros(B)
+        valid = torch.ones(B, dtype=torch.bool)
+        out_comps: dict[str, RewardOutput] = {}
+        for spec in self.applicable(batch.kind):
+            out = comps[spec.name]
             if out.scores.shape != (B,):
                 raise RewardError(f"reward {spec.name!r} returned shape {tuple(out.scores.shape)}, expected ({B},)")
             v = out.valid & torch.isfinite(out.scores)
             out = RewardOutput(out.scores.float(), v, out.details)
-            comps[spec.name] = out
+            out_comps[spec.name] = out
             valid &= v
             total += spec.weight * torch.where(v, self.transform(spec, out, batch), torch.zeros(()))
-        return MixtureOutput(total=total, valid=valid, components=comps)
+        return MixtureOutput(total=total, valid=valid, components=out_comps)
 
     def transform(self, spec: RewardSpec, out: RewardOutput, batch) -> torch.Tensor:
         """The component as it enters the weighted sum: normalised and clipped as configured."""
@@ -193,9 +255,59 @@ class RewardMixture:
             x = x.clamp(spec.clip[0], spec.clip[1])
         return x
 
+    def metrics(self) -> dict[str, float]:
+        return {f"reward/{s.name}/{k}": float(v) for s in self.specs for k, v in s.reward.metrics().items()}
+
     def close(self):
+        for lane in self._lanes.values():
+            lane.shutdown(wait=True)
+        self._lanes = {}
         for s in self.specs:
             s.reward.close()
+
+
+def _done(fn, *args) -> Future:
+    """Run `fn` now; its result (or exception) in an already-completed Future."""
+    f: Future = Future()
+    try:
+        f.set_result(fn(*args))
+    except Exception as e:  # noqa: BLE001 - re-raised by PendingScores.result with the reward named
+        f.set_exception(e)
+    return f
+
+
+class PendingScores:
+    """The component scores of one batch, some possibly still being computed in the background."""
+
+    def __init__(self, batch, context: RewardContext):
+        self.batch, self.context = batch, context
+        self.futures: dict[str, tuple[RewardSpec, Future]] = {}
+
+    def result(self) -> dict[str, RewardOutput]:
+        """Wait for every component; a reward that raised is named together with the failing sample."""
+        out = {}
+        for name, (spec, fut) in self.futures.items():
+            try:
+                out[name] = fut.result()
+            except Exception as e:  # noqa: BLE001
+                raise RewardError(describe_failure(spec, self.batch, self.context, e)) from e
+        return out
+
+
+def merge_components(parts: list[dict[str, RewardOutput]]) -> dict[str, RewardOutput]:
+    """Concatenate the component outputs of consecutive chunks of one batch, in chunk order."""
+    if len(parts) == 1:
+        return parts[0]
+    merged = {}
+    for name in parts[0]:
+        outs = [p[name] for p in parts]
+        details = {}
+        for key in outs[0].details:
+            if all(key in o.details and isinstance(o.details[key], list) for o in outs):
+                details[key] = [x for o in outs for x in o.details[key]]
+        merged[name] = RewardOutput(torch.cat([o.scores.float() for o in outs]), torch.cat([o.valid for o in outs]),
+                                    details)
+    return merged
 
 
 class RewardError(RuntimeError):

@@ -381,6 +381,8 @@ class VLMJudge(Reward):
     remote: base_url, api_key_env, concurrency, timeout, max_retries, backoff, max_backoff, extra_body.
     """
 
+    run_async = True  # waits on a server or a model of its own: overlap it with sampling
+
     def __init__(self, mode: str = "generation_pointwise", backend: str = "local", model: str = "tiny",
                  template: str | None = None, cot: bool = False, score_range: list[float] | None = None,
                  normalize: str = "unit", integer: bool = False, allow_tie: bool = False,

@@ -50,6 +50,8 @@ class RayActorReward(Reward):
     """Runs the registered reward `reward` (with constructor `args`) in a Ray actor with its own
     resources (`num_gpus`, fractions allowed; `num_cpus`). Starts a local Ray if none is running."""
 
+    run_async = True  # the work happens in the actor; the driver only waits
+
     def __init__(self, reward: str, args: dict | None = None, num_gpus: float = 0.0, num_cpus: float = 1.0,
                  max_restarts: int = 3):
         types = reward_types()
@@ -100,6 +102,9 @@ class RayActorReward(Reward):
             if self.restarts > self.max_restarts:
                 raise RuntimeError(f"reward actor {self.reward_type!r} was restarted {self.restarts} times "
                                    f"(> max_restarts={self.max_restarts}); giving up")
+
+    def metrics(self) -> dict[str, float]:
+        return {"restarts": float(self.restarts)}
 
     def close(self):
         import ray

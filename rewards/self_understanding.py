@@ -59,6 +59,7 @@ class SelfUnderstandingReward(Reward):
     """
 
     modalities = ("image",)
+    uses_policy = True  # asks the policy being trained (or its adapter-disabled reference)
 
     def __init__(self, question: str = "Does this image show {prompt}? Answer yes or no.",
                  judge: str = "reference", batch_size: int = 32, questions: str = "prompt",
@@ -142,6 +143,7 @@ class CycleConsistencyReward(Reward):
     """
 
     modalities = ("image",)
+    uses_policy = True  # the policy (or its reference) writes the captions
 
     def __init__(self, scorer: str = "clip", caption_question: str = "Describe this image in a few words.",
                  captioner: str = "reference", max_new_tokens: int = 24, batch_size: int = 32,

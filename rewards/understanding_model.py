@@ -25,6 +25,7 @@ class UnderstandingModelReward(SelfUnderstandingReward):
     """self_understanding, asked to a separate, frozen understanding model instead of the policy."""
 
     modalities = ("image",)
+    uses_policy = False  # asks its own frozen model, so it may run in the background (async_scoring)
 
     def __init__(self, model: str = "tiny", dtype: str = "float32", device: str = "cpu", tiny_dir: str = "",
                  question: str = "Does this image show {prompt}? Answer yes or no.", batch_size: int = 32,

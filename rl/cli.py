@@ -58,7 +58,11 @@ def print_summary(summary: dict):
 
 
 def config_help_main(argv=None) -> int:
-    from .config import config_help
+    """`uniloop config-help [--markdown]`: every key, its type, default and help."""
+    from .config import config_help, config_reference_markdown
+    if argv and "--markdown" in argv:
+        print(config_reference_markdown())
+        return 0
     for line in config_help():
         print(line)
     return 0

@@ -77,6 +77,11 @@ class RolloutConfig:
     one_step_off: bool = uf(False, "Sample step k+1 while step k trains (needs num_workers > 0 and "
                              "max_staleness >= 1); the importance ratio uses the sampler's recorded log-probs.")
     max_restarts: int = uf(3, "Restarts allowed per rollout actor before the run gives up.")
+    scoring_chunks: int = uf(0, "Chunks each task's rollout is sampled in, so that async rewards (judges, reward "
+                             "actors; `async_scoring`) score chunk i while chunk i+1 samples. 0 = auto: one chunk "
+                             "per forward batch of `batch_size` samples (at least 2) when an async reward is "
+                             "configured, else 1. 1 = sample everything, then score. Chunks keep whole prompt "
+                             "groups and per-sample seeds, so rewards and advantages do not change.")
 
     def _validate(self, prefix, src):
         if self.one_step_off and self.num_workers < 1:
@@ -88,6 +93,9 @@ class RolloutConfig:
         if self.num_workers < 0 or self.max_restarts < 0 or self.max_staleness < 0:
             raise ConfigError(f"{src.where(prefix)}: {prefix}.num_workers, max_restarts and max_staleness "
                               f"must be >= 0")
+        if self.scoring_chunks < 0:
+            raise ConfigError(f"{src.where(f'{prefix}.scoring_chunks')}: key '{prefix}.scoring_chunks' must be "
+                              f">= 0 (0 = auto), got {self.scoring_chunks}")
 
 
 @dataclass
@@ -154,7 +162,21 @@ class RewardConfig:
                         "the prompt's group) or `running` (running mean/std over the run).",
                         choices=["none", "group", "running"])
     clip: list[float] | None = uf(None, "Clamp the (normalised) component to [low, high], e.g. [-3, 3].")
+    async_scoring: bool | None = uf(None, "Score this component in a background thread while the next chunk of "
+                                    "the step samples (see rollout.scoring_chunks). null = the reward's default: "
+                                    "yes for `judge` and `ray_actor`, no otherwise. Not allowed for rewards that "
+                                    "ask the policy being trained (self_understanding, cycle_consistency).")
     args: dict = uf(help="Keyword arguments for the reward's constructor.", factory=dict)
+
+    def _validate(self, prefix, src):
+        if not self.async_scoring:
+            return
+        from ..rewards.base import reward_types
+        cls = reward_types().get(self.type or self.name)
+        if cls is not None and getattr(cls, "uses_policy", False):
+            raise ConfigError(f"{src.where(f'{prefix}.async_scoring')}: key '{prefix}.async_scoring' cannot be true "
+                              f"for reward type {self.type or self.name!r}: it asks the policy being trained, which "
+                              f"is sampling at the same time; set it to false or leave it out")
 
 
 @dataclass
@@ -424,6 +446,13 @@ def _type_name(tp) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+def _help_type(tp) -> str:
+    """`float | None` -> `float or null` (no `|`, which separates the columns of the help table)."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _help_type(a) for a in typing.get_args(tp))
+    return str(tp).replace("typing.", "") if typing.get_args(tp) else _type_name(tp)
+
+
 def _convert(value, tp, key: str, src: _Src):
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
@@ -590,8 +619,24 @@ def config_help(cls=Config, prefix: str = "") -> list[str]:
             default = f.default_factory()
         else:
             default = "" if sub else "(required)"
-        out.append(f"{key} | {_type_name(tp)} | {default!r} | {f.metadata.get('help', '')}"
+        out.append(f"{key} | {_help_type(tp)} | {default!r} | {f.metadata.get('help', '')}"
                    if sub is None else f"{key} | section | | {f.metadata.get('help', '')}")
         if sub is not None:
             out.extend(config_help(sub, key + ("[].") if typing.get_origin(tp) is list else key + "."))
     return out
+
+
+def config_reference_markdown() -> str:
+    """The README's config reference table (`uniloop config-help --markdown`; a test keeps them equal)."""
+    rows = ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
+    for line in config_help():
+        key, tp, rest = line.split(" | ", 2)
+        if tp == "section":  # "key | section | | help"
+            help_ = rest.removeprefix("| ").replace("|", "\\|")
+            rows.append(f"| **`{key}`** | section | | {help_} |")
+            continue
+        default, help_ = rest.split(" | ", 1)
+        help_ = help_.replace("|", "\\|")
+        default = {"None": "null", "True": "true", "False": "false"}.get(default, default).replace("|", "\\|")
+        rows.append(f"| `{key}` | {tp} | `{default}` | {help_} |")
+    return "\n".join(rows)

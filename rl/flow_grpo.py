@@ -26,16 +26,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..policies.flow import FlowRollout, gaussian_mean_kl
-from ..rewards.base import RewardContext
+from ..policies.flow import gaussian_mean_kl
 from ..rollouts.flow_worker import FlowRolloutWorker, default_tiny_dir, make_flow_policy
 from .algorithms import register_algorithm
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
 from .config import Config, FlowConfig, save_config
-from .grpo import grpo_advantages
 from .tasks import ImageTask
 from .trainer import (GRPOTrainer, InProcessPool, ScoredBatch, _chunks, _seed_everything, build_rewards, reward_metrics,
-                      run_rl_loop)
+                      run_rl_loop, sample_and_score)
 
 
 def flow_grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, epsilon: float,
@@ -94,30 +92,18 @@ class FlowGRPOTrainer:
     # ------------------------------------------------------------------ one step
     def train_step(self) -> tuple[dict, list[ScoredBatch]]:
         cfg, step = self.cfg, self.step + 1
-        t0 = time.perf_counter()
         request = self.task.request(step, cfg.rollout.num_generations)
-        batch = self.workers.generate([request], version=self.policy.version)[0]
-        t1 = time.perf_counter()
-        sb = self.score(batch, step)
+        (sb,), times = sample_and_score(cfg, self.workers, self.rewards, self.policy, [request], step)
         t2 = time.perf_counter()
         update_metrics = self.update(sb, step)
         t3 = time.perf_counter()
         self.policy.version += 1
         self.workers.sync(self.policy, self.policy.version)
         self.step = step
-        metrics = {**reward_metrics([sb], self.rewards), **update_metrics,
-                   "time/rollout": t1 - t0, "time/reward": t2 - t1, "time/update": t3 - t2,
+        metrics = {**reward_metrics([sb], self.rewards), **update_metrics, **times, "time/update": t3 - t2,
                    "adapter/version": self.policy.version, **self.workers.metrics()}
         self.check_invalid(metrics)
         return metrics, [sb]
-
-    def score(self, batch: FlowRollout, step: int) -> ScoredBatch:
-        mix = self.rewards(batch, RewardContext(policy=self.policy, step=step))
-        g = self.cfg.grpo
-        adv, stats = grpo_advantages(mix.total, batch.group_ids, mix.valid, g.scale_rewards, g.std_floor)
-        sb = ScoredBatch(batch, mix.total, mix.valid, adv, metrics=stats)
-        sb.components = mix.components
-        return sb
 
     def update(self, sb: ScoredBatch, step: int) -> dict:
         """num_iterations passes over the valid samples; each optimizer step accumulates the gradients

@@ -1,6 +1,7 @@
 """The GRPO training loop. One step = sample -> score -> advantages -> update; see `train_step`."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -11,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..rewards.base import RewardContext, RewardMixture, RewardSpec, reward_types
-from ..rollouts.worker import RolloutWorker, make_policy
+from ..rewards.base import RewardContext, RewardMixture, RewardSpec, merge_components, reward_types
+from ..rollouts.worker import RolloutWorker, concat_rollouts, make_policy
 from .algorithms import register_algorithm
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
 from .config import Config, save_config
@@ -35,7 +36,8 @@ def build_rewards(cfg: Config, run_dir: Path) -> RewardMixture:
         except TypeError as e:
             raise ValueError(f"rewards[{i}] ({rc.name!r}): bad args for {tname}: {e}") from None
         specs.append(RewardSpec(rc.name, rc.weight, reward, normalize=rc.normalize,
-                                clip=tuple(rc.clip) if rc.clip is not None else None))
+                                clip=tuple(rc.clip) if rc.clip is not None else None,
+                                run_async=rc.async_scoring))
     return RewardMixture(specs, combine=cfg.reward_combine)
 
 
@@ -77,30 +79,18 @@ class GRPOTrainer:
     # ------------------------------------------------------------------ one step
     def train_step(self) -> dict:
         cfg, step = self.cfg, self.step + 1
-        t0 = time.perf_counter()
         requests = [task.request(step, cfg.rollout.num_generations) for task in self.tasks]
-        batches = self.workers.generate(requests, version=self.policy.version)
-        t1 = time.perf_counter()
-        scored = [self.score(b, step) for b in batches]
+        scored, times = sample_and_score(cfg, self.workers, self.rewards, self.policy, requests, step)
         t2 = time.perf_counter()
         update_metrics = self.update(scored)
         t3 = time.perf_counter()
         self.policy.version += 1
         self.workers.sync(self.policy, self.policy.version)
         self.step = step
-        metrics = {**reward_metrics(scored, self.rewards), **update_metrics,
-                   "time/rollout": t1 - t0, "time/reward": t2 - t1, "time/update": t3 - t2,
+        metrics = {**reward_metrics(scored, self.rewards), **update_metrics, **times, "time/update": t3 - t2,
                    "adapter/version": self.policy.version, **self.workers.metrics()}
         self.check_invalid(metrics)
         return metrics, scored
-
-    def score(self, batch, step: int) -> ScoredBatch:
-        mix = self.rewards(batch, RewardContext(policy=self.policy, step=step))
-        adv, stats = grpo_advantages(mix.total, batch.group_ids, mix.valid, self.cfg.grpo.scale_rewards,
-                                     self.cfg.grpo.std_floor)
-        sb = ScoredBatch(batch, mix.total, mix.valid, adv, metrics=stats)
-        sb.components = mix.components
-        return sb
 
     def update(self, scored: list[ScoredBatch]) -> dict:
         """num_iterations passes over the batch, micro-batched, AdamW on the adapter."""
@@ -224,6 +214,61 @@ class GRPOTrainer:
         return True
 
 
+def sample_and_score(cfg: Config, workers, rewards: RewardMixture, policy, requests, step: int):
+    """Sample the step's rollouts chunk by chunk and start scoring each chunk as soon as it is sampled,
+    so that async rewards (judges, reward actors) score chunk i while chunk i+1 samples.
+
+    Chunks are contiguous runs of whole prompt groups with their own per-sample seeds; merged back,
+    the batch, its rewards and its advantages are those of sampling and scoring it in one piece.
+    Returns one ScoredBatch per request and the step's timing metrics.
+    """
+    context = RewardContext(policy=policy, step=step)
+    n_chunks = scoring_chunks(cfg.rollout, rewards, requests)
+    pending, sampling, t0 = {}, 0.0, time.perf_counter()
+    stream = workers.generate_stream(requests, policy.version, n_chunks)
+    while True:
+        ts = time.perf_counter()
+        item = next(stream, None)
+        sampling += time.perf_counter() - ts
+        if item is None:
+            break
+        ri, ci, batch = item
+        pending[ri, ci] = rewards.submit(batch, context)  # async components return at once
+    t1 = time.perf_counter()
+    scored = []
+    for ri in range(len(requests)):
+        parts = [pending[k] for k in sorted(k for k in pending if k[0] == ri)]
+        batch = concat_rollouts([p.batch for p in parts])
+        if len(parts) > 1:  # a re-sampled chunk may carry an older version: report the oldest
+            batch = dataclasses.replace(batch, version=min(p.batch.version for p in parts))
+        mix = rewards.mix(batch, merge_components([p.result() for p in parts]))
+        scored.append(grpo_scored(cfg.grpo, batch, mix))
+    t2 = time.perf_counter()
+    busy = rewards.pop_busy_seconds()
+    times = {"time/rollout": sampling, "time/reward": (t1 - t0 - sampling) + (t2 - t1),
+             "time/reward_wait": t2 - t1, "rollout/scoring_chunks": float(n_chunks)}
+    times.update({f"time/reward/{name}": sec for name, sec in busy.items()})
+    return scored, times
+
+
+def scoring_chunks(rollout_cfg, rewards: RewardMixture, requests) -> int:
+    """rollout.scoring_chunks, with 0 = one chunk per forward batch (at least 2) when a reward runs async."""
+    if rollout_cfg.scoring_chunks > 0:
+        return rollout_cfg.scoring_chunks
+    if not rewards.has_async or not requests:
+        return 1
+    samples = max(len(r.prompts) * r.num_generations for r in requests)
+    return max(2, math.ceil(samples / max(1, rollout_cfg.batch_size)))
+
+
+def grpo_scored(g, batch, mix) -> ScoredBatch:
+    """Group-relative advantages of a scored batch (`g`: the grpo config)."""
+    adv, stats = grpo_advantages(mix.total, batch.group_ids, mix.valid, g.scale_rewards, g.std_floor)
+    sb = ScoredBatch(batch, mix.total, mix.valid, adv, metrics=stats)
+    sb.components = mix.components
+    return sb
+
+
 class InProcessPool:
     """The default engine: one worker in this process, sharing the learner's policy."""
 
@@ -232,6 +277,12 @@ class InProcessPool:
 
     def generate(self, requests, version: int):
         return [self.worker.generate(r) for r in requests]
+
+    def generate_stream(self, requests, version: int, num_chunks: int = 1):
+        """Yield (request index, chunk index, batch) as each chunk is sampled."""
+        for ri, req in enumerate(requests):
+            for ci, chunk in enumerate(req.split(num_chunks)):
+                yield ri, ci, self.worker.generate(chunk)
 
     def sync(self, policy, version: int):
         self.worker.set_adapter(None, version)
@@ -258,6 +309,7 @@ def reward_metrics(scored: list[ScoredBatch], mixture: RewardMixture) -> dict:
             m[f"reward/{name}/invalid"] = int((~out.valid).sum())
         for k, v in sb.metrics.items():
             m[f"{k}/{kind}"] = v
+    m.update(mixture.metrics())
     return m
 
 

@@ -284,7 +284,16 @@ class RayWorkerPool:
 
     def collect(self, pending: PendingRollouts) -> list:
         """Wait for the shards, re-submitting those whose actor died; reassemble in in-process order."""
+        batches = dict(self.collect_iter(pending))
+        return [batches[ri] for ri in range(len(pending.requests))]
+
+    def collect_iter(self, pending: PendingRollouts):
+        """Yield (request index, batch) as soon as every shard of that request is back, re-submitting
+        shards whose actor died; each batch in in-process row order."""
         results: dict[int, tuple] = {}
+        left = {ri: {k for k, j in enumerate(pending.jobs) if j.request_index == ri}
+                for ri in range(len(pending.requests))}
+        pending.provenance = [None] * len(pending.requests)
         by_future = {j.future: k for k, j in enumerate(pending.jobs)}
         while by_future:
             ready, _ = ray.wait(list(by_future), num_returns=1)
@@ -301,29 +310,31 @@ class RayWorkerPool:
                 continue
             # a shard sent to an actor that was already restarting succeeds on the new process: count it too
             self._note_pid(job.actor, results[k][1]["pid"], results[k][1]["node_id"])
-        batches, provenance = [], []
-        for ri, req in enumerate(pending.requests):
-            ks = [k for k, j in enumerate(pending.jobs) if j.request_index == ri]
-            parts = [results[k][0] for k in ks]
-            infos = [results[k][1] for k in ks]
-            # rows of shard k: its prompts (their positions in the request) x num_generations
-            pos = {pi: i for i, pi in enumerate(req.prompt_indices)}
-            keys, rows_info = [], []
-            for k, info in zip(ks, infos):
-                for pi in pending.jobs[k].request.prompt_indices:
-                    for s in range(req.num_generations):
-                        keys.append((pos[pi], s))
-                        rows_info.append({"node_id": info["node_id"], "pid": info["pid"],
-                                          "actor": pending.jobs[k].actor})
-            order = sorted(range(len(keys)), key=keys.__getitem__)
-            batch = concat_rollouts(parts).select(order)
-            # a re-submitted or prefetched shard may carry an older version: the batch reports the oldest
-            batch = dataclasses.replace(batch, version=min(p.version for p in parts))
-            batches.append(batch)
-            provenance.append([rows_info[i] for i in order])
-        pending.provenance = provenance
-        self._last = {"rollout/wait_seconds": time.perf_counter() - pending.submitted_at}
-        return batches
+            ri = job.request_index
+            left[ri].discard(k)
+            if not left[ri]:
+                ks = sorted(k2 for k2, j in enumerate(pending.jobs) if j.request_index == ri)
+                batch, pending.provenance[ri] = self._assemble(pending, ri, ks, results)
+                self._last = {"rollout/wait_seconds": time.perf_counter() - pending.submitted_at}
+                yield ri, batch
+
+    def _assemble(self, pending: PendingRollouts, ri: int, ks: list[int], results: dict):
+        req = pending.requests[ri]
+        parts = [results[k][0] for k in ks]
+        # rows of shard k: its prompts (their positions in the request) x num_generations
+        pos = {pi: i for i, pi in enumerate(req.prompt_indices)}
+        keys, rows_info = [], []
+        for k in ks:
+            info = results[k][1]
+            for pi in pending.jobs[k].request.prompt_indices:
+                for s in range(req.num_generations):
+                    keys.append((pos[pi], s))
+                    rows_info.append({"node_id": info["node_id"], "pid": info["pid"], "actor": pending.jobs[k].actor})
+        order = sorted(range(len(keys)), key=keys.__getitem__)
+        batch = concat_rollouts(parts).select(order)
+        # a re-submitted or prefetched shard may carry an older version: the batch reports the oldest
+        batch = dataclasses.replace(batch, version=min(p.version for p in parts))
+        return batch, [rows_info[i] for i in order]
 
     def _recover(self, index: int, err: BaseException):
         """An actor call failed: wait for Ray's restart, count it, or give up with a clear error."""
@@ -362,27 +373,40 @@ class RayWorkerPool:
         slot.node_id = node_id or ray.get(slot.handle.info.remote())["node_id"]
 
     def generate(self, requests: list[RolloutRequest], version: int) -> list:
+        """One batch per request, in-process row order."""
+        out = dict(((ri, b) for ri, _, b in self.generate_stream(requests, version)))
+        return [out[ri] for ri in range(len(requests))]
+
+    def generate_stream(self, requests: list[RolloutRequest], version: int, num_chunks: int = 1):
+        """Yield (request index, chunk index, batch) as each chunk (`RolloutRequest.split`) comes back.
+
+        Every chunk is sharded across the actors and the chunks are queued in order, so chunk 0 is
+        back first and the caller can score it while the actors sample the rest."""
         if version != self.version:
             raise RuntimeError(
                 f"the learner is at adapter version {version} but the rollout actors were last synced with "
                 f"version {self.version}: call pool.sync(policy, version) after every update, or the "
                 f"samplers keep using stale weights")
-        if self._prefetch is not None and self._prefetch.matches(requests):
+        index = [(ri, ci) for ri, r in enumerate(requests) for ci in range(len(r.split(num_chunks)))]
+        chunks = [c for r in requests for c in r.split(num_chunks)]
+        if self._prefetch is not None and self._prefetch.matches(chunks):
             pending, prefetched = self._prefetch, True
         else:
             self._cancel_prefetch()
-            pending, prefetched = self.submit(requests), False
+            pending, prefetched = self.submit(chunks), False
         self._prefetch = None
         if self.rc.one_step_off and requests:
             nxt = requests[0].step + 1
             if nxt <= self._max_steps():
                 # queued behind this step's shards: the actors move on to step k+1 while we train on k
-                self._prefetch = self.submit(self._requests_for(nxt, requests[0].num_generations))
-        batches = self.collect(pending)
+                self._prefetch = self.submit([c for r in self._requests_for(nxt, requests[0].num_generations)
+                                              for c in r.split(num_chunks)])
+        lag = 0
+        for k, batch in self.collect_iter(pending):
+            lag = max(lag, check_staleness([batch], version, self.rc.max_staleness))
+            yield (*index[k], batch)
         self._finish_acks()
-        lag = check_staleness(batches, version, self.rc.max_staleness)
         self._last.update({"rollout/version_lag": lag, "rollout/prefetched": float(prefetched)})
-        return batches
 
     def _max_steps(self) -> int:
         grpo = getattr(self.cfg, "grpo", None)

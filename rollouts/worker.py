@@ -41,17 +41,24 @@ class RolloutRequest:
             self.prompt_indices = list(range(len(self.prompts)))
 
     def shard(self, num_shards: int) -> list["RolloutRequest"]:
-        out = []
-        for s in range(num_shards):
-            idx = list(range(s, len(self.prompts), num_shards))
-            if not idx:
-                continue
-            out.append(RolloutRequest(
-                kind=self.kind, prompts=[self.prompts[i] for i in idx], num_generations=self.num_generations,
-                step=self.step, prompt_indices=[self.prompt_indices[i] for i in idx],
-                targets=[self.targets[i] for i in idx] if self.targets else [],
-                images=self.images[idx] if self.images is not None else None))
-        return out
+        """Round-robin over prompts (shard s gets prompts s, s + n, ...): balanced work per worker."""
+        return [self.subset(idx) for s in range(num_shards) if (idx := list(range(s, len(self.prompts), num_shards)))]
+
+    def split(self, num_chunks: int) -> list["RolloutRequest"]:
+        """Contiguous runs of whole prompts, in order (at most one chunk per prompt): concatenating the
+        chunks' rollouts gives the rows of the whole request in the same order."""
+        P = len(self.prompts)
+        n = max(1, min(num_chunks, P))
+        bounds = [round(i * P / n) for i in range(n + 1)]
+        return [self.subset(list(range(a, b))) for a, b in zip(bounds, bounds[1:])]
+
+    def subset(self, idx: list[int]) -> "RolloutRequest":
+        """The request for the prompts at positions `idx` (they keep their seeds and group ids)."""
+        return RolloutRequest(
+            kind=self.kind, prompts=[self.prompts[i] for i in idx], num_generations=self.num_generations,
+            step=self.step, prompt_indices=[self.prompt_indices[i] for i in idx],
+            targets=[self.targets[i] for i in idx] if self.targets else [],
+            images=self.images[idx] if self.images is not None else None)
 
 
 def make_policy(model_cfg, lora_cfg=None, tiny_dir: str | Path | None = None):

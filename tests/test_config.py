@@ -59,3 +59,12 @@ def test_every_field_has_help():
     lines = config_help()
     assert len(lines) > 40
     assert all(line.rsplit("|", 1)[1].strip() for line in lines), [ln for ln in lines if not ln.rsplit("|", 1)[1].strip()]
+
+
+def test_readme_config_reference_is_up_to_date():
+    """The README's table is `uniloop config-help --markdown`: a new or changed key must show up there."""
+    from pathlib import Path
+
+    from uniloop.rl.config import config_reference_markdown
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert config_reference_markdown() in readme, "regenerate it: uniloop config-help --markdown"

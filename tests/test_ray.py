@@ -72,7 +72,11 @@ def test_train_with_two_ray_workers_gives_in_process_rewards(ray_local, tiny_jan
 
     a, b = tmp_path / "inproc", tmp_path / "ray2"
     assert main(["train", QUICKSTART, *sets(train_overrides(tiny_janus_dir, a))]) == 0
-    assert main(["train", QUICKSTART, *sets(train_overrides(tiny_janus_dir, b) + ["rollout.num_workers=2"])]) == 0
+    # the Ray run also streams: 3 chunks per task, each scored by a reward actor (async) as soon as it
+    # is back, while the actors sample the next chunk
+    assert main(["train", QUICKSTART, *sets(train_overrides(tiny_janus_dir, b) + [
+        "rollout.num_workers=2", "rollout.scoring_chunks=3",
+        "rewards=[{name: color, type: ray_actor, args: {reward: color, num_cpus: 0.5}}, {name: exact_match}]"])]) == 0
     ra, rb = metrics_rows(a), metrics_rows(b)
     assert [r["step"] for r in ra] == [r["step"] for r in rb] == [1, 2, 3]
     keys = ["reward/mean", "reward/color/mean", "reward/exact_match/mean", "reward/image/mean", "reward/text/mean"]
@@ -83,6 +87,7 @@ def test_train_with_two_ray_workers_gives_in_process_rewards(ray_local, tiny_jan
         assert y["rollout/workers"] == 2 and y["rollout/version_lag"] == 0
         assert y["sync/bytes"] > 0 and y["sync/seconds"] > 0
         assert y["logprob/sampler_vs_learner_max_abs_diff"] < 1e-4
+        assert y["rollout/scoring_chunks"] == 3 and y["time/reward/color"] > 0 and y["reward/color/restarts"] == 0
     # the comparison is not vacuous: the updates changed what later steps sample
     assert ra[0]["reward/color/mean"] != ra[2]["reward/color/mean"]
 
@@ -133,7 +138,8 @@ def test_one_step_off_uses_the_samplers_logprobs_as_old(ray_local, tiny_janus_di
         load_config(QUICKSTART, train_overrides(tiny_janus_dir, tmp_path / "x") +
                     ["rollout.num_workers=2", "rollout.one_step_off=true", "rollout.max_staleness=0"])
     cfg = load_config(QUICKSTART, train_overrides(tiny_janus_dir, tmp_path / "run") +
-                      ["rollout.num_workers=2", "rollout.one_step_off=true", "rollout.max_staleness=1"])
+                      ["rollout.num_workers=2", "rollout.one_step_off=true", "rollout.max_staleness=1",
+                       "rollout.scoring_chunks=2"])  # the prefetch is chunked like the step it stands for
     trainer = GRPOTrainer(cfg, worker_pool=make_worker_pool(cfg))
     policy = trainer.policy
     try:
@@ -235,6 +241,7 @@ def test_reward_actor_scores_like_in_process_and_survives_a_kill(ray_local, tiny
         again = remote.score(batch, ctx)  # restarted by Ray, the batch scored again
         assert torch.equal(again.scores, local.scores) and remote.restarts == 1
         assert mixture(batch, ctx).total.allclose(local.scores)
+        assert mixture.metrics() == {"reward/color/restarts": 1.0}  # logged every step as reward/<name>/restarts
     finally:
         mixture.close()
 
