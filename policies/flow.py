@@ -247,7 +247,6 @@ class FlowPolicy:
                                                    transformer_lora_adapter_metadata=config.to_dict(),
                                                    weight_name=DIFFUSERS_WEIGHTS)
 
-    save_pretrained = save_adapter  # what rl.checkpoint.save_checkpoint calls
 
     def load_adapter(self, path: str | Path, trainable: bool = True):
         """Attach a saved adapter: a PEFT directory (adapter_config.json) or a diffusers LoRA file/dir."""

@@ -167,6 +167,11 @@ class JanusPolicy:
     def save_adapter(self, path: str | Path):
         self.model.save_pretrained(str(path))
 
+    def load_adapter_weights(self, path: str | Path, version: int | None = None):
+        """Replace the current adapter's tensors with those saved in `path` (a checkpoint's adapter/)."""
+        from safetensors.torch import load_file
+        self.set_adapter_state_dict(load_file(str(Path(path) / "adapter_model.safetensors")), version)
+
     def reference(self):
         """Context in which the model is the frozen base: the adapter disabled (no second copy)."""
         return self.model.disable_adapter() if self.has_adapter else contextlib.nullcontext()

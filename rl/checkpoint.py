@@ -28,13 +28,14 @@ def set_rng_state(state: dict):
 
 def save_checkpoint(output_dir: str | Path, step: int, model=None, state: dict | None = None,
                     keep: int = 2) -> Path:
-    """Save `model.save_pretrained` (the adapter) and `state` (optimizer, RNG, step...) atomically."""
+    """Save the adapter (`model.save_adapter`, or `save_pretrained` of a PEFT model) and `state`
+    (optimizer, RNG, step...) atomically."""
     root = Path(output_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:06d}"
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp_step_{step:06d}_"))
     if model is not None:
-        model.save_pretrained(str(tmp / "adapter"))
+        (getattr(model, "save_adapter", None) or model.save_pretrained)(str(tmp / "adapter"))
     torch.save({"step": step, "rng": rng_state(), **(state or {})}, tmp / "state.pt")
     with open(tmp / "COMPLETE", "w") as f:
         f.write(str(step))
@@ -49,6 +50,27 @@ def save_checkpoint(output_dir: str | Path, step: int, model=None, state: dict |
         if stale != tmp:
             shutil.rmtree(stale, ignore_errors=True)
     return final
+
+
+def save_trainer(trainer, **extra) -> Path:
+    """Checkpoint a trainer (anything with run_dir, step, cfg.logging, optimizer and a policy with
+    `save_adapter` / `load_adapter_weights`): the adapter, optimizer, adapter version, RNG, step, + extra."""
+    state = {"optimizer": trainer.optimizer.state_dict(), "version": trainer.policy.version, **extra}
+    return save_checkpoint(trainer.run_dir, trainer.step, trainer.policy, state,
+                           keep=trainer.cfg.logging.keep_checkpoints)
+
+
+def resume_trainer(trainer) -> dict | None:
+    """Restore what `save_trainer` wrote from the latest complete checkpoint; its state dict, or None."""
+    ckpt = latest_checkpoint(trainer.run_dir)
+    if ckpt is None:
+        return None
+    state = load_checkpoint(ckpt)
+    trainer.policy.load_adapter_weights(ckpt / "adapter", version=state["version"])
+    trainer.optimizer.load_state_dict(state["optimizer"])
+    set_rng_state(state["rng"])
+    trainer.step = state["step"]
+    return state
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:

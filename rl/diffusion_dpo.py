@@ -35,6 +35,7 @@ from ..rewards.base import RewardContext
 from ..rollouts.flow_worker import FlowRolloutWorker, default_tiny_dir, make_flow_policy
 from ..rollouts.worker import RolloutRequest
 from .algorithms import register_algorithm
+from .checkpoint import resume_trainer, save_trainer
 from .config import FlowConfig
 from .dpo import (EVAL_SEED_STEP, PairLogps, clip_and_step, dpo_losses, loss_kwargs, make_optimizer, run_loop,
                   read_train_eval, summarize_outputs)
@@ -264,21 +265,10 @@ class DiffusionDPOTrainer:
         return m
 
     def save(self):
-        from .checkpoint import save_checkpoint
-        state = {"optimizer": self.optimizer.state_dict(), "version": self.policy.version}
-        return save_checkpoint(self.run_dir, self.step, self.policy, state, keep=self.cfg.logging.keep_checkpoints)
+        return save_trainer(self)
 
     def resume(self) -> bool:
-        from .checkpoint import latest_checkpoint, load_checkpoint, set_rng_state
-        ckpt = latest_checkpoint(self.run_dir)
-        if ckpt is None:
-            return False
-        state = load_checkpoint(ckpt)
-        self.policy.load_adapter_weights(ckpt / "adapter", version=state["version"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        set_rng_state(state["rng"])
-        self.step = state["step"]
-        return True
+        return resume_trainer(self) is not None
 
 
 def eval_reward_trend(metrics_path: Path) -> dict:

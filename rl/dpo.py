@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 from ..policies.batches import TextRollout
 from .algorithms import register_algorithm
+from .checkpoint import resume_trainer, save_trainer
 from .preference_data import (GENERATION, UNDERSTANDING, GenerationPair, PreferenceRecords, PreferenceSet,
                               UnderstandingPair, build_preference_set, read_preference_records, vq_model_key)
 
@@ -458,13 +459,10 @@ class DPOTrainer:
 
     # -- checkpoints
     def save(self):
-        from .checkpoint import save_checkpoint
-        state = {"optimizer": self.optimizer.state_dict(), "version": self.policy.version}
-        return save_checkpoint(self.run_dir, self.step, self.policy.model, state,
-                               keep=self.cfg.logging.keep_checkpoints)
+        return save_trainer(self)
 
     def resume(self) -> bool:
-        return resume_from_checkpoint(self)
+        return resume_trainer(self) is not None
 
 
 # ----------------------------------------------------------------------------- shared helpers
@@ -505,21 +503,6 @@ def summarize_outputs(outs: list[tuple[str, DPOOutput]], prefix: str) -> dict:
         m[f"{prefix}/{kind}/accuracy"] = preference_accuracy(cr, rr).mean().item()
         m[f"{prefix}/{kind}/margin"] = (cr - rr).mean().item()
     return m
-
-
-def resume_from_checkpoint(trainer) -> bool:
-    from safetensors.torch import load_file
-
-    from .checkpoint import latest_checkpoint, load_checkpoint
-    ckpt = latest_checkpoint(trainer.run_dir)
-    if ckpt is None:
-        return False
-    state = load_checkpoint(ckpt)
-    trainer.policy.set_adapter_state_dict(load_file(str(ckpt / "adapter" / "adapter_model.safetensors")),
-                                          version=state["version"])
-    trainer.optimizer.load_state_dict(state["optimizer"])
-    trainer.step = state["step"]
-    return True
 
 
 def build_eval_tasks(cfg, policy):

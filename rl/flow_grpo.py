@@ -29,7 +29,6 @@ import torch
 from ..policies.flow import gaussian_mean_kl
 from ..rollouts.flow_worker import FlowRolloutWorker, default_tiny_dir, make_flow_policy
 from .algorithms import register_algorithm
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
 from .config import Config, FlowConfig, save_config
 from .tasks import ImageTask
 from .trainer import (GRPOTrainer, InProcessPool, ScoredBatch, _chunks, _seed_everything, build_rewards, reward_metrics,
@@ -162,22 +161,8 @@ class FlowGRPOTrainer:
     check_invalid = GRPOTrainer.check_invalid  # same invalid-reward abort rule as the Janus loop
 
     # ------------------------------------------------------------------ checkpoints
-    def save(self):
-        state = {"optimizer": self.optimizer.state_dict(), "version": self.policy.version,
-                 "invalid_streak": self.invalid_streak}
-        return save_checkpoint(self.run_dir, self.step, self.policy, state, keep=self.cfg.logging.keep_checkpoints)
-
-    def resume(self) -> bool:
-        ckpt = latest_checkpoint(self.run_dir)
-        if ckpt is None:
-            return False
-        state = load_checkpoint(ckpt)
-        self.policy.load_adapter_weights(ckpt / "adapter", version=state["version"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        set_rng_state(state["rng"])
-        self.step, self.invalid_streak = state["step"], state["invalid_streak"]
-        self.workers.sync(self.policy, self.policy.version)
-        return True
+    save = GRPOTrainer.save  # adapter, optimizer, version, RNG, step, invalid-reward streak
+    resume = GRPOTrainer.resume
 
 
 def make_flow_worker_pool(cfg: Config):

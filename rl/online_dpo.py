@@ -23,8 +23,9 @@ from pathlib import Path
 import torch
 
 from .algorithms import register_algorithm
+from .checkpoint import resume_trainer, save_trainer
 from .dpo import (DPOOutput, _chunks, build_eval_tasks, clip_and_step, dpo_losses, loss_kwargs, make_optimizer,
-                  pair_logps, reference_pair_logps, resume_from_checkpoint, run_loop, sample_and_score,
+                  pair_logps, reference_pair_logps, run_loop, sample_and_score,
                   seed_everything, summarize_outputs)
 from .preference_data import GenerationPair, UnderstandingPair
 
@@ -211,13 +212,10 @@ class OnlineDPOTrainer:
             self.policy.model.train(was_training)
 
     def save(self):
-        from .checkpoint import save_checkpoint
-        state = {"optimizer": self.optimizer.state_dict(), "version": self.policy.version}
-        return save_checkpoint(self.run_dir, self.step, self.policy.model, state,
-                               keep=self.cfg.logging.keep_checkpoints)
+        return save_trainer(self)
 
     def resume(self) -> bool:
-        return resume_from_checkpoint(self)
+        return resume_trainer(self) is not None
 
 
 @dataclass

@@ -15,7 +15,7 @@ import torch
 from ..rewards.base import RewardContext, RewardMixture, RewardSpec, merge_components, reward_types
 from ..rollouts.worker import RolloutWorker, concat_rollouts, make_policy
 from .algorithms import register_algorithm
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
+from .checkpoint import latest_checkpoint, resume_trainer, save_trainer
 from .config import Config, save_config
 from .grpo import aggregate, grpo_advantages, grpo_token_loss
 from .runlog import RunLogger
@@ -194,22 +194,13 @@ class GRPOTrainer:
 
     # ------------------------------------------------------------------ checkpoints
     def save(self):
-        state = {"optimizer": self.optimizer.state_dict(), "version": self.policy.version,
-                 "invalid_streak": self.invalid_streak}
-        return save_checkpoint(self.run_dir, self.step, self.policy.model, state,
-                               keep=self.cfg.logging.keep_checkpoints)
+        return save_trainer(self, invalid_streak=self.invalid_streak)
 
     def resume(self) -> bool:
-        ckpt = latest_checkpoint(self.run_dir)
-        if ckpt is None:
+        state = resume_trainer(self)
+        if state is None:
             return False
-        from safetensors.torch import load_file
-        state = load_checkpoint(ckpt)
-        self.policy.set_adapter_state_dict(load_file(str(ckpt / "adapter" / "adapter_model.safetensors")),
-                                           version=state["version"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        set_rng_state(state["rng"])
-        self.step, self.invalid_streak = state["step"], state["invalid_streak"]
+        self.invalid_streak = state["invalid_streak"]
         self.workers.sync(self.policy, self.policy.version)
         return True
 
