@@ -20,11 +20,8 @@ quickstarts) whose VAE is fitted so that latents decode to colors.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,7 +29,7 @@ import torch
 
 from .batches import _Batch
 from .janus import resolve_dtype
-from .tiny import COLORS, WORDS
+from .tiny import COLORS, WORDS, built_with, publish_build
 
 # Flow-GRPO's choice: adapters on the attention projections of every joint transformer block.
 FLOW_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -572,19 +569,18 @@ def build_tiny_sd3(path: str | os.PathLike, seed: int = 0, **overrides) -> Path:
         raise ValueError(f"unknown tiny-model option(s) {sorted(unknown)}; known: {sorted(TINY_SD3_DEFAULTS)}")
     spec = {**TINY_SD3_DEFAULTS, **overrides, "seed": seed}
     path = Path(path)
-    marker = path / "uniloop_tiny.json"
-    if marker.exists() and json.loads(marker.read_text()) == spec:
+    if built_with(path, "uniloop_tiny.json", spec):
         return path
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # toy-sized ops: extra intra-op threads only add synchronisation
     try:
-        return _build_tiny_sd3(path, spec, marker, seed)
+        return _build_tiny_sd3(path, spec, seed)
     finally:
         torch.set_num_threads(threads)
 
 
-def _build_tiny_sd3(path: Path, spec: dict, marker: Path, seed: int) -> Path:
+def _build_tiny_sd3(path: Path, spec: dict, seed: int) -> Path:
     from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
                            StableDiffusion3Pipeline)
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
@@ -627,17 +623,4 @@ def _build_tiny_sd3(path: Path, spec: dict, marker: Path, seed: int) -> Path:
     fit_solid_color_flow(pipe, steps=spec["base_fit_steps"], seed=seed, max_sequence_length=spec["max_sequence_length"],
                          prompt_following=spec["base_prompt_following"], gain=spec["color_gain"])
 
-    # Build in a sibling temp dir and rename, so concurrent builders never see a half-written pipeline.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
-    pipe.save_pretrained(str(tmp))
-    (tmp / "uniloop_tiny.json").write_text(json.dumps(spec))
-    try:
-        os.rename(tmp, path)
-    except OSError:  # someone else finished first, or an old build is in the way
-        if marker.exists() and json.loads(marker.read_text()) == spec:
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            shutil.rmtree(path, ignore_errors=True)
-            os.rename(tmp, path)
-    return path
+    return publish_build(path, "uniloop_tiny.json", spec, pipe)

@@ -399,7 +399,9 @@ class JanusPolicy:
         temp = batch.temperature if batch.temperature > 0 else 1.0
         logits = self._suppress_specials(out.logits[:, L - 1:L - 1 + A].float()) / temp
         lp = selective_log_softmax(logits, batch.answer_ids.to(self.device))
-        return lp * batch.answer_mask.to(self.device)
+        # where, not a product: a padding position holds a suppressed token whose log-prob is -inf,
+        # and -inf * 0 would be NaN (and a NaN loss)
+        return torch.where(batch.answer_mask.to(self.device).bool(), lp, torch.zeros((), device=lp.device))
 
     def _word_ids(self, words):
         ids = set()

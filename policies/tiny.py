@@ -70,6 +70,35 @@ def build_tokenizer():
                               "eoi_token": "<end_of_image>"})
 
 
+def built_with(path: Path, marker_name: str, spec: dict) -> bool:
+    """`path` holds a build of exactly `spec` (its marker file says so)."""
+    marker = Path(path) / marker_name
+    return marker.exists() and json.loads(marker.read_text()) == spec
+
+
+def publish_build(path: Path, marker_name: str, spec: dict, *parts) -> Path:
+    """Write `parts` (anything with `save_pretrained`) and the spec marker into a sibling temp dir,
+    then rename it to `path`: concurrent builders (Ray workers, parallel tests) never see half a
+    checkpoint, and a build of other settings at `path` is replaced."""
+    import shutil
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    for part in parts:
+        part.save_pretrained(tmp)
+    (tmp / marker_name).write_text(json.dumps(spec))
+    try:
+        os.rename(tmp, path)
+    except OSError:  # someone else finished first, or an old build is in the way
+        if built_with(path, marker_name, spec):
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+            os.rename(tmp, path)
+    return path
+
+
 def build_tiny_janus(path: str | os.PathLike, seed: int = 0, **overrides) -> Path:
     """Write a tiny Janus checkpoint (model + processor) to `path` and return it.
 
@@ -84,8 +113,7 @@ def build_tiny_janus(path: str | os.PathLike, seed: int = 0, **overrides) -> Pat
     if unknown:
         raise ValueError(f"unknown tiny-model option(s) {sorted(unknown)}; known: {sorted(TINY_DEFAULTS)}")
     path = Path(path)
-    marker = path / "uniloop_tiny.json"
-    if marker.exists() and json.loads(marker.read_text()) == spec:
+    if built_with(path, "uniloop_tiny.json", spec):
         return path
 
     tokenizer = build_tokenizer()
@@ -119,24 +147,7 @@ def build_tiny_janus(path: str | os.PathLike, seed: int = 0, **overrides) -> Pat
         image_processor=JanusImageProcessor(size={"height": spec["image_size"], "width": spec["image_size"]}),
         tokenizer=tokenizer, chat_template=CHAT_TEMPLATE, num_image_tokens=n_img)
 
-    # Build in a sibling temp dir and rename: concurrent builders (Ray workers, parallel tests)
-    # never see a half-written checkpoint.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
-    model.save_pretrained(tmp)
-    processor.save_pretrained(tmp)
-    (tmp / "uniloop_tiny.json").write_text(json.dumps(spec))
-    try:
-        os.rename(tmp, path)
-    except OSError:  # someone else finished first (or an old build is in the way)
-        if marker.exists() and json.loads(marker.read_text()) == spec:
-            import shutil
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            import shutil
-            shutil.rmtree(path, ignore_errors=True)
-            os.rename(tmp, path)
-    return path
+    return publish_build(path, "uniloop_tiny.json", spec, model, processor)
 
 
 def _scale_output_heads(model, hidden: int):

@@ -24,16 +24,13 @@ go through the real parsing path, not a grader to learn from. `fit_steps: 0` kee
 """
 from __future__ import annotations
 
-import json
 import os
 import random
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
-from ..policies.tiny import COLORS, palette
+from ..policies.tiny import COLORS, built_with, palette, publish_build
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
             "<|image_pad|>", "<|video_pad|>"]
@@ -109,8 +106,7 @@ def build_tiny_vlm_judge(path: str | os.PathLike, seed: int = 0, **overrides) ->
         raise ValueError(f"unknown tiny judge option(s) {sorted(unknown)}; known: {sorted(TINY_JUDGE_DEFAULTS)}")
     spec = {**TINY_JUDGE_DEFAULTS, **overrides, "seed": seed, "format": 1}
     path = Path(path)
-    marker = path / "uniloop_tiny_judge.json"
-    if marker.exists() and json.loads(marker.read_text()) == spec:
+    if built_with(path, "uniloop_tiny_judge.json", spec):
         return path
 
     tokenizer = build_tokenizer(spec["vocab_size"])
@@ -138,21 +134,7 @@ def build_tiny_vlm_judge(path: str | os.PathLike, seed: int = 0, **overrides) ->
     model.generation_config.bos_token_id = None
     fit_color_judge(model, processor, steps=spec["fit_steps"], batch=spec["fit_batch"], lr=spec["lr"], seed=seed)
 
-    # Build in a sibling temp dir and rename, so concurrent builders never see half a checkpoint.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
-    model.save_pretrained(tmp)
-    processor.save_pretrained(tmp)
-    (tmp / "uniloop_tiny_judge.json").write_text(json.dumps(spec))
-    try:
-        os.rename(tmp, path)
-    except OSError:
-        if marker.exists() and json.loads(marker.read_text()) == spec:
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            shutil.rmtree(path, ignore_errors=True)
-            os.rename(tmp, path)
-    return path
+    return publish_build(path, "uniloop_tiny_judge.json", spec, model, processor)
 
 
 # ----------------------------------------------------------------------------- fitting

@@ -19,7 +19,10 @@ def test_sampled_logprobs_equal_teacher_forced_in_both_modes(tiny_policy):
         tf = tiny_policy.rollout_logprobs(batch, mode)
         assert tf.requires_grad, "teacher forcing must keep gradients for the update"
         diff = (tf.detach() - batch.logprobs(mode)).abs().max().item()
-        assert diff <= 1e-4, f"{mode}: sampled vs teacher-forced log-probs differ by {diff}"
+        # float32 rounding of an incremental (KV-cached) vs a full forward, amplified by CFG (the
+        # guided logit is (1 + s) * cond - s * uncond): typically 2e-5..4e-5, 1.5e-4 seen once; a wrong
+        # position or distribution gives differences of order 1
+        assert diff <= 5e-4, f"{mode}: sampled vs teacher-forced log-probs differ by {diff}"
     # the two modes are genuinely different distributions
     assert (batch.logprobs_cfg - batch.logprobs_cond).abs().max() > 1e-2
 
