@@ -73,6 +73,23 @@ def test_understanding_logprobs_and_yes_probability(tiny_policy):
     assert torch.allclose(p[0], expect, atol=1e-5)
 
 
+def test_padded_answer_positions_give_zero_logprob_and_finite_gradients(tiny_policy):
+    """An answer that ended early is padded with a token the sampler never emits (its logit is -inf):
+    the teacher-forced log-prob there must be 0, not -inf * 0 = NaN, or the whole loss turns NaN."""
+    tiny_policy.add_lora(r=4)
+    perturb_adapter(tiny_policy, seed=2)
+    images = solid_color_images(["red", "blue"], tiny_policy.image_size)
+    batch = tiny_policy.answer(images, ["what color is this image?"] * 2, seeds=[5, 6], max_new_tokens=4)
+    tok = tiny_policy.tokenizer
+    batch.answer_ids[0, 1], batch.answer_ids[0, 2:] = tok.eos_token_id, tok.pad_token_id  # ended at step 2
+    batch.answer_mask[0, 2:] = 0
+    lp = tiny_policy.text_logprobs(batch)
+    assert torch.isfinite(lp).all() and (lp[0, 2:] == 0).all() and (lp[0, :2] < 0).all()
+    lp.sum().backward()
+    grads = [p.grad for p in tiny_policy.trainable_parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
 def test_local_checkpoint_loads_through_the_hub_code_path(tiny_janus_dir, tmp_path):
     """save_pretrained -> from_pretrained(local dir) is the same call a hub id takes."""
     a = JanusPolicy.from_pretrained(tiny_janus_dir)
