@@ -5,6 +5,7 @@ New algorithms plug in with `@register_algorithm("name")` without touching the C
 """
 from __future__ import annotations
 
+import functools
 import importlib
 
 _ALGORITHMS: dict = {}
@@ -15,9 +16,16 @@ _BUILTIN_MODULES = ["uniloop.rl.trainer", "uniloop.rl.dpo", "uniloop.rl.online_d
 
 
 def register_algorithm(name: str):
+    """Register `fn(cfg, resume)`. The registered entry first moves an earlier run in cfg.output_dir
+    aside when this one is not a resume (`runlog.prepare_run_dir`): runs never mix their files."""
     def wrap(fn):
-        _ALGORITHMS[name] = fn
-        return fn
+        @functools.wraps(fn)
+        def run(cfg, resume: bool = False):
+            from .runlog import prepare_run_dir
+            prepare_run_dir(cfg.output_dir, resume)
+            return fn(cfg, resume=resume)
+        _ALGORITHMS[name] = run
+        return run
     return wrap
 
 

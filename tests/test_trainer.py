@@ -143,3 +143,17 @@ def test_cli_rejects_a_bad_key_naming_it(tmp_path):
     out = subprocess.run([sys.executable, "-m", "uniloop.rl.cli", "train", str(p)], capture_output=True, text=True)
     assert out.returncode == 2
     assert f"{p}:3" in out.stderr and "rollout.num_generatoins" in out.stderr and "num_generations" in out.stderr
+
+
+def test_a_fresh_run_moves_an_earlier_run_aside(tmp_path, tiny_janus_dir):
+    """Re-running into the same output_dir without --resume must not append to the old metrics or
+    leave the old checkpoints for a later --resume to pick up; the old run is kept next to it."""
+    cfg = small_cfg(tmp_path, tiny_janus_dir, "text_task=null", "grpo.max_steps=2", "logging.save_every=1")
+    train_grpo(cfg)
+    first = _metrics(tmp_path / "run")
+    cfg = small_cfg(tmp_path, tiny_janus_dir, "text_task=null", "grpo.max_steps=1", "logging.save_every=1")
+    train_grpo(cfg)
+    assert list(_metrics(tmp_path / "run")) == [1]
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step_000001"]
+    assert _metrics(tmp_path / "run.1") == first  # the earlier run, untouched
+    assert (tmp_path / "run.1" / "checkpoints" / "step_000002" / "COMPLETE").exists()
