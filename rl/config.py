@@ -265,6 +265,10 @@ class DPOConfig:
     online_margin: float = uf(0.0, "online_dpo / `uniloop pairs`: keep a prompt's (best, worst) pair only if "
                               "their scores differ by more than this; others are dropped.")
     online_updates: int = uf(1, "online_dpo: optimizer steps on each round of fresh pairs.")
+    online_pairs_per_prompt: int = uf(1, "online_dpo / `uniloop pairs`: pairs taken from each prompt's candidates: "
+                                      "1 = (best, worst) as in UnifiedReward; k = the i-th best against the i-th "
+                                      "worst for i < k (at most num_generations // 2), each kept only if separated "
+                                      "by online_margin. More pairs per sampled batch, at more DPO compute.")
 
     def __post_init__(self):
         if isinstance(self.loss_type, str):

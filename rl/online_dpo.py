@@ -52,12 +52,16 @@ class Selection:
 
 
 def select_pairs(group_ids: torch.Tensor, valid: torch.Tensor, pointwise: torch.Tensor | None,
-                 margin: float = 0.0, pairwise: torch.Tensor | None = None) -> Selection:
+                 margin: float = 0.0, pairwise: torch.Tensor | None = None, per_prompt: int = 1) -> Selection:
     """Best winner / worst loser per group (see the module docstring); ties keep the earlier sample.
+    With `per_prompt` k > 1, also the 2nd best against the 2nd worst, ... (k pairs at most, disjoint).
 
     `pointwise` and `pairwise` are (B,) scores (either may be None, not both); `valid` (B,) bool.
-    A pair is kept only if chosen_score - rejected_score > margin.
+    A pair is kept only if chosen_score - rejected_score > margin; a prompt none of whose pairs is
+    kept counts as dropped.
     """
+    if per_prompt < 1:
+        raise ValueError(f"pairs per prompt must be >= 1, got {per_prompt}")
     if pointwise is None and pairwise is None:
         raise ValueError("select_pairs needs pointwise and/or pairwise scores")
     sel = Selection()
@@ -73,22 +77,28 @@ def select_pairs(group_ids: torch.Tensor, valid: torch.Tensor, pointwise: torch.
             ranked = sorted(ok, key=lambda i: -float(pairwise[i]))  # stable: earlier sample first on ties
             half = len(ranked) // 2
             winners, losers = ranked[:half], ranked[half:]
-            best = max(winners, key=lambda i: (float(pointwise[i]), -i))
-            worst = min(losers, key=lambda i: (float(pointwise[i]), i))
             score = pointwise
         else:
             score = pointwise if pointwise is not None else pairwise
-            best = max(ok, key=lambda i: (float(score[i]), -i))
-            worst = min(ok, key=lambda i: (float(score[i]), i))
-        gap = float(score[best]) - float(score[worst])
-        if best == worst or not gap > margin:
+            winners = losers = ok
+        # best first among the winners, worst first among the losers; ties keep the earlier sample
+        best = sorted(winners, key=lambda i: (-float(score[i]), i))
+        worst = sorted(losers, key=lambda i: (float(score[i]), i))
+        kept, used = 0, set()
+        for c, r in zip(best, worst):
+            if kept == per_prompt or c in used or r in used or c == r:
+                break
+            used.update((c, r))
+            if not float(score[c]) - float(score[r]) > margin:
+                break  # later pairs are closer still
+            sel.chosen.append(c)
+            sel.rejected.append(r)
+            sel.chosen_scores.append(float(score[c]))
+            sel.rejected_scores.append(float(score[r]))
+            sel.groups.append(g)
+            kept += 1
+        if kept == 0:
             sel.dropped_unseparated += 1
-            continue
-        sel.chosen.append(best)
-        sel.rejected.append(worst)
-        sel.chosen_scores.append(float(score[best]))
-        sel.rejected_scores.append(float(score[worst]))
-        sel.groups.append(g)
     return sel
 
 
@@ -109,14 +119,14 @@ def ranking_scores(mix, rewards) -> tuple[torch.Tensor | None, torch.Tensor | No
     return point, pair
 
 
-def sample_rank_select(worker, rewards, request, margin: float, policy, step: int):
+def sample_rank_select(worker, rewards, request, margin: float, policy, step: int, per_prompt: int = 1):
     """Sample a request's candidates, score them, select pairs: (batch, mixture output, Selection)."""
     from ..rewards.base import RewardContext
 
     batch = worker.generate(request)
     mix = rewards(batch, RewardContext(policy=policy, step=step))
     point, pair = ranking_scores(mix, rewards)
-    return batch, mix, select_pairs(batch.group_ids, mix.valid, point, margin, pair)
+    return batch, mix, select_pairs(batch.group_ids, mix.valid, point, margin, pair, per_prompt)
 
 
 def pairs_from_rollout(batch, sel: Selection):
@@ -162,7 +172,8 @@ class OnlineDPOTrainer:
         m, pairs = {}, []
         for task in self.tasks:
             req = task.request(step, self.cfg.rollout.num_generations)
-            batch, mix, sel = sample_rank_select(self.worker, self.rewards, req, d.online_margin, self.policy, step)
+            batch, mix, sel = sample_rank_select(self.worker, self.rewards, req, d.online_margin, self.policy, step,
+                                                 d.online_pairs_per_prompt)
             kind = batch.kind
             for name, out in mix.components.items():
                 m[f"reward/{name}/mean"] = out.scores[out.valid].mean().item() if out.valid.any() else float("nan")

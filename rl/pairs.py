@@ -96,7 +96,8 @@ def build_pairs(cfg, out_dir: str | Path, max_prompts: int | None = None, prompt
                 req = RolloutRequest(task.kind, [p for p, _, _ in chunk], cfg.rollout.num_generations, step=0,
                                      prompt_indices=list(range(start, start + len(chunk))), targets=targets,
                                      images=torch.stack([im for _, im, _ in chunk]) if task.kind == "text" else None)
-                batch, mix, sel = sample_rank_select(worker, rewards, req, margin, policy, step=0)
+                batch, mix, sel = sample_rank_select(worker, rewards, req, margin, policy, step=0,
+                                                     per_prompt=cfg.dpo.online_pairs_per_prompt if cfg.dpo else 1)
                 summary["prompts"] += len(chunk)
                 summary["dropped_unseparated"] += sel.dropped_unseparated
                 summary["dropped_invalid"] += sel.dropped_invalid

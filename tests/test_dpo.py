@@ -207,6 +207,13 @@ def test_select_pairs_drops_unseparated_and_invalid_prompts():
     point = torch.tensor([0.3, 0.9, 0.1, 0.2])
     sel = select_pairs(torch.zeros(4, dtype=torch.long), torch.ones(4, dtype=torch.bool), point, 0.0, win)
     assert (sel.chosen, sel.rejected) == ([1], [2])
+    # several pairs per prompt: i-th best against i-th worst, disjoint, each separated by the margin
+    g6, s6 = torch.zeros(6, dtype=torch.long), torch.tensor([0.1, 0.9, 0.5, 0.45, 0.8, 0.0])
+    sel = select_pairs(g6, torch.ones(6, dtype=torch.bool), s6, margin=0.2, per_prompt=3)
+    assert (sel.chosen, sel.rejected, sel.groups) == ([1, 4], [5, 0], [0, 0])  # (0.5, 0.45) is too close
+    assert select_pairs(g6, torch.ones(6, dtype=torch.bool), s6, margin=0.0, per_prompt=9).chosen == [1, 4, 2]
+    sel = select_pairs(torch.zeros(4, dtype=torch.long), torch.ones(4, dtype=torch.bool), point, 0.0, win, per_prompt=2)
+    assert (sel.chosen, sel.rejected) == ([1, 0], [2, 3])  # winners {0, 1} by pointwise vs losers {2, 3}
 
 
 @register_reward("test_answer_length")
