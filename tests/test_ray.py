@@ -182,8 +182,8 @@ def test_staleness_and_resource_errors_are_clear(ray_local, tiny_janus_dir, tmp_
         RayWorkerPool(cfg)
 
 
-def flow_run(tiny_sd3_dir, out, num_workers: int) -> list[dict]:
-    """2 steps of flow_grpo (same seed, same config) sampled in-process or by `num_workers` Ray actors."""
+def flow_run(tiny_sd3_dir, out, num_workers: int, one_step_off: bool = False, steps: int = 2) -> list[dict]:
+    """`steps` steps of flow_grpo (same seed, same config) sampled in-process or by `num_workers` Ray actors."""
     from uniloop.rl.algorithms import get_algorithm
 
     cfg = load_config(text=f"""
@@ -192,8 +192,9 @@ algorithm: flow_grpo
 seed: 0
 flow: {{name_or_path: {tiny_sd3_dir}, max_sequence_length: 8, num_steps: 4, cfg_scale: 2.0, noise_level: 0.7}}
 lora: {{r: 4, alpha: 8}}
-rollout: {{num_generations: 4, num_workers: {num_workers}, num_cpus_per_worker: 0.5, one_step_off: false}}
-grpo: {{learning_rate: 3.0e-2, beta: 0.0, epsilon: 0.2, per_device_train_batch_size: 64, max_steps: 2}}
+rollout: {{num_generations: 4, num_workers: {num_workers}, num_cpus_per_worker: 0.5, one_step_off: {str(one_step_off).lower()},
+           max_staleness: {int(one_step_off)}}}
+grpo: {{learning_rate: 3.0e-2, beta: 0.0, epsilon: 0.2, per_device_train_batch_size: 64, max_steps: {steps}}}
 image_task: {{prompts: [a red image, a blue image, a green image], prompts_per_step: 3}}
 rewards: [{{name: color}}]
 logging: {{progress_bar: false, tensorboard: false, image_grid_every: 0, save_every: 0, log_every: 1}}
@@ -220,6 +221,23 @@ def test_flow_grpo_with_two_ray_workers_gives_in_process_rewards(ray_local, tiny
         assert y["ratio/first_step_max_abs_dev"] < 1e-4
     # step 2 was sampled with the synced (trained) adapter, so it tests the sync, not just the base model
     assert ra[1]["adapter/version"] == rb[1]["adapter/version"] == 2
+
+
+def test_flow_grpo_one_step_off_trains_on_the_prefetched_step(ray_local, tiny_sd3_dir, tmp_path):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        rows = flow_run(tiny_sd3_dir, tmp_path / "off", 2, one_step_off=True, steps=3)
+    finally:
+        torch.set_num_threads(threads)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert rows[0]["rollout/prefetched"] == 0.0 and rows[0]["ratio/first_step_max_abs_dev"] < 1e-4
+    for r in rows[1:]:
+        # sampled by the actors while the previous step trained: one adapter version behind, and the
+        # ratio is taken against the log-probs recorded by the sampler (so it is no longer 1)
+        assert r["rollout/prefetched"] == 1.0 and r["rollout/version_lag"] == 1
+        assert r["ratio/first_step_max_abs_dev"] > 1e-4
+        assert r["reward/color/mean"] == r["reward/color/mean"]  # finite, not NaN
 
 
 def test_reward_actor_scores_like_in_process_and_survives_a_kill(ray_local, tiny_policy, tmp_path):
