@@ -315,15 +315,15 @@ def run_job(cfg, progress: bool = True, on_shard=None) -> dict:
     t0, sampled = time.perf_counter(), 0
     by_index = {it.index: it for it in items}
     try:
-        # one shard in flight ahead: the actors sample shard k+1 while the driver scores and writes shard k
-        pending = backend.submit(requests_for(chunks[0])) if chunks else None
-        for k, chunk in enumerate(chunks):
-            batches, provenance = backend.collect(pending)
-            pending = backend.submit(requests_for(chunks[k + 1])) if k + 1 < len(chunks) else None
+        # Two pipelines: the actors sample shard k+1 while the driver works on shard k, and async rewards
+        # (judges, reward actors) score shard k while shard k+1 is sampled; a shard is written once
+        # its scores are in, in order.
+        def finish(k, batches, provenance, scoring):
+            nonlocal sampled
             shard = f"shard_{next_shard + k:05d}"
             recs = []
-            for batch, prov in zip(batches, provenance):
-                mix = rewards(batch, context)
+            for batch, prov, job_scores in zip(batches, provenance, scoring):
+                mix = rewards.mix(batch, job_scores.result())
                 recs.extend(_records(batch, prov, mix, shard, out, by_index, cfg, adapter))
             _write_shard(out, shard, recs)
             sampled += len(recs)
@@ -331,6 +331,18 @@ def run_job(cfg, progress: bool = True, on_shard=None) -> dict:
             bar.set_postfix({"samples/s": f"{sampled / (time.perf_counter() - t0):.2f}"})
             if on_shard is not None:
                 on_shard(k, backend)
+
+        pending = backend.submit(requests_for(chunks[0])) if chunks else None
+        previous = None
+        for k, chunk in enumerate(chunks):
+            batches, provenance = backend.collect(pending)
+            pending = backend.submit(requests_for(chunks[k + 1])) if k + 1 < len(chunks) else None
+            scoring = [rewards.submit(batch, context) for batch in batches]
+            if previous is not None:
+                finish(*previous)
+            previous = (k, batches, provenance, scoring)
+        if previous is not None:
+            finish(*previous)
     finally:
         bar.close()
         rollout_metrics = backend.metrics()
