@@ -157,3 +157,33 @@ def test_a_fresh_run_moves_an_earlier_run_aside(tmp_path, tiny_janus_dir):
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step_000001"]
     assert _metrics(tmp_path / "run.1") == first  # the earlier run, untouched
     assert (tmp_path / "run.1" / "checkpoints" / "step_000002" / "COMPLETE").exists()
+
+
+def test_a_save_interrupted_midway_leaves_the_previous_checkpoint_in_charge(tmp_path, tiny_janus_dir):
+    """A run killed while writing a checkpoint: the half-written one is never picked by --resume,
+    and the next save clears its remains."""
+    from uniloop.rl.checkpoint import latest_checkpoint
+
+    cfg = small_cfg(tmp_path, tiny_janus_dir, "text_task=null", "logging.save_every=0")
+    trainer = GRPOTrainer(cfg)
+    trainer.train_step()
+    good = trainer.save()
+    trainer.train_step()
+    real_save = trainer.policy.save_adapter
+
+    def killed_while_saving(path):
+        real_save(path)  # the adapter is on disk, the optimizer state and COMPLETE are not
+        raise KeyboardInterrupt
+
+    trainer.policy.save_adapter = killed_while_saving
+    with pytest.raises(KeyboardInterrupt):
+        trainer.save()
+    root = tmp_path / "run" / "checkpoints"
+    assert [p.name.startswith(".tmp_step_000002") for p in root.iterdir() if p.name.startswith(".")] == [True]
+    assert latest_checkpoint(tmp_path / "run") == good  # step 1, complete
+
+    fresh = GRPOTrainer(cfg)
+    assert fresh.resume() and fresh.step == 1
+    fresh.train_step()
+    assert fresh.save().name == "step_000002"
+    assert not [p for p in root.iterdir() if p.name.startswith(".")]  # the remains are gone
