@@ -260,7 +260,7 @@ class RewardMixture:
 
     def close(self):
         for lane in self._lanes.values():
-            lane.shutdown(wait=True)
+            lane.shutdown(wait=True, cancel_futures=True)  # an aborted step: drop what is queued
         self._lanes = {}
         for s in self.specs:
             s.reward.close()

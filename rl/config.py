@@ -79,8 +79,8 @@ class RolloutConfig:
     max_restarts: int = uf(3, "Restarts allowed per rollout actor before the run gives up.")
     scoring_chunks: int = uf(0, "Chunks each task's rollout is sampled in, so that async rewards (judges, reward "
                              "actors; `async_scoring`) score chunk i while chunk i+1 samples. 0 = auto: one chunk "
-                             "per forward batch of `batch_size` samples (at least 2) when an async reward is "
-                             "configured, else 1. 1 = sample everything, then score. Chunks keep whole prompt "
+                             "per forward batch of `batch_size` samples on every worker (at least 2) when an async "
+                             "reward is configured, else 1. 1 = sample everything, then score. Chunks keep whole prompt "
                              "groups and per-sample seeds, so rewards and advantages do not change.")
 
     def _validate(self, prefix, src):

@@ -243,13 +243,15 @@ def sample_and_score(cfg: Config, workers, rewards: RewardMixture, policy, reque
 
 
 def scoring_chunks(rollout_cfg, rewards: RewardMixture, requests) -> int:
-    """rollout.scoring_chunks, with 0 = one chunk per forward batch (at least 2) when a reward runs async."""
+    """rollout.scoring_chunks, with 0 = one chunk per forward batch of every worker (at least 2) when a
+    reward runs async: chunking then costs no batch efficiency."""
     if rollout_cfg.scoring_chunks > 0:
         return rollout_cfg.scoring_chunks
     if not rewards.has_async or not requests:
         return 1
     samples = max(len(r.prompts) * r.num_generations for r in requests)
-    return max(2, math.ceil(samples / max(1, rollout_cfg.batch_size)))
+    per_chunk = max(1, rollout_cfg.batch_size) * max(1, rollout_cfg.num_workers)
+    return max(2, math.ceil(samples / per_chunk))
 
 
 def grpo_scored(g, batch, mix) -> ScoredBatch:
