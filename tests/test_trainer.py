@@ -187,3 +187,16 @@ def test_a_save_interrupted_midway_leaves_the_previous_checkpoint_in_charge(tmp_
     fresh.train_step()
     assert fresh.save().name == "step_000002"
     assert not [p for p in root.iterdir() if p.name.startswith(".")]  # the remains are gone
+
+
+def test_grpo_learns_the_color_task(tmp_path, tiny_janus_dir):
+    """The quickstart's generation side, 60 steps: the color reward of fresh samples rises clearly
+    (measured: 0.45 -> 0.60 for the mean of the first vs the last 15 steps; seeds 1 and 2: +0.07, +0.18)."""
+    cfg = load_config(REPO / "configs" / "quickstart.yaml", [
+        f"output_dir={tmp_path / 'run'}", f"model.name_or_path={tiny_janus_dir}", "seed=0", "text_task=null",
+        "grpo.max_steps=60", "logging.progress_bar=false", "logging.tensorboard=false",
+        "logging.image_grid_every=0", "logging.save_every=0"])
+    train_grpo(cfg)
+    color = [r["reward/color/mean"] for _, r in sorted(_metrics(tmp_path / "run").items())]
+    first, last = sum(color[:15]) / 15, sum(color[-15:]) / 15
+    assert last > first + 0.06, (first, last)
