@@ -268,9 +268,6 @@ class InProcessPool:
     def __init__(self, worker: RolloutWorker):
         self.worker = worker
 
-    def generate(self, requests, version: int):
-        return [self.worker.generate(r) for r in requests]
-
     def generate_stream(self, requests, version: int, num_chunks: int = 1):
         """Yield (request index, chunk index, batch) as each chunk is sampled."""
         for ri, req in enumerate(requests):

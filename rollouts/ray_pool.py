@@ -188,6 +188,7 @@ class RayWorkerPool:
     """`rollout.num_workers` Ray actors behind the trainer's pool interface.
 
     generate(requests, version) -> list[batch]   (one batch per request, in-process row order)
+    generate_stream(requests, version, n_chunks)  (yields (request, chunk, batch) as chunks come back)
     sync(policy, version)                         (after every update: adapter tensors only)
     metrics() -> dict                             (sync/bytes, sync/seconds, rollout/restarts, ...)
     close()
@@ -374,7 +375,7 @@ class RayWorkerPool:
 
     def generate(self, requests: list[RolloutRequest], version: int) -> list:
         """One batch per request, in-process row order."""
-        out = dict(((ri, b) for ri, _, b in self.generate_stream(requests, version)))
+        out = {ri: b for ri, _, b in self.generate_stream(requests, version)}
         return [out[ri] for ri in range(len(requests))]
 
     def generate_stream(self, requests: list[RolloutRequest], version: int, num_chunks: int = 1):
@@ -387,8 +388,9 @@ class RayWorkerPool:
                 f"the learner is at adapter version {version} but the rollout actors were last synced with "
                 f"version {self.version}: call pool.sync(policy, version) after every update, or the "
                 f"samplers keep using stale weights")
-        index = [(ri, ci) for ri, r in enumerate(requests) for ci in range(len(r.split(num_chunks)))]
-        chunks = [c for r in requests for c in r.split(num_chunks)]
+        split = [r.split(num_chunks) for r in requests]
+        index = [(ri, ci) for ri, cs in enumerate(split) for ci in range(len(cs))]
+        chunks = [c for cs in split for c in cs]
         if self._prefetch is not None and self._prefetch.matches(chunks):
             pending, prefetched = self._prefetch, True
         else:
