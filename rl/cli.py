@@ -55,6 +55,8 @@ def print_summary(summary: dict):
     for k, v in summary.items():
         if isinstance(v, dict) and "first_10pct" in v:
             print(f"  {k:40s} first 10%: {v['first_10pct']:.4f}   last 10%: {v['last_10pct']:.4f}")
+        elif isinstance(v, dict) and "initial" in v:
+            print(f"  {k:40s} step {v['initial_step']}: {v['initial']:.4f}   step {v['final_step']}: {v['final']:.4f}")
 
 
 def config_help_main(argv=None) -> int:

@@ -135,6 +135,10 @@ class GRPOConfig:
     max_invalid_fraction: float = uf(0.5, "Abort when the fraction of samples with an invalid reward stays "
                                      "above this for `invalid_patience` steps.")
     invalid_patience: int = uf(3, "Consecutive steps above max_invalid_fraction before aborting.")
+    eval_steps: int = uf(0, "Evaluate before the first step and every N steps (0 = never): every task prompt "
+                         "sampled eval_samples_per_prompt times with fixed seeds, scored by the reward mixture, "
+                         "logged as eval/reward/<name>/mean (a learning curve without the per-step noise).")
+    eval_samples_per_prompt: int = uf(4, "Samples per task prompt at each evaluation (grpo.eval_steps).")
 
 
 @dataclass

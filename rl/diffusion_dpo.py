@@ -31,13 +31,11 @@ import numpy as np
 import torch
 
 from ..policies.flow import FlowPolicy
-from ..rewards.base import RewardContext
 from ..rollouts.flow_worker import FlowRolloutWorker, default_tiny_dir, make_flow_policy
-from ..rollouts.worker import RolloutRequest
 from .algorithms import register_algorithm
 from .checkpoint import resume_trainer, save_trainer
 from .config import FlowConfig
-from .dpo import (EVAL_SEED_STEP, PairLogps, clip_and_step, dpo_losses, loss_kwargs, make_optimizer, run_loop,
+from .dpo import (PairLogps, clip_and_step, dpo_losses, loss_kwargs, make_optimizer, run_loop,
                   read_train_eval, summarize_outputs)
 
 EVAL_NOISE_SEED = 12345  # held-out pairs are scored with the same (t, noise) at every evaluation
@@ -243,26 +241,15 @@ class DiffusionDPOTrainer:
 
     def sample_and_score(self) -> dict:
         """Sample every evaluation prompt with fixed seeds and score with the reward mixture."""
+        from .evaluate import evaluate_samples, image_eval_request
+
         n = self.d.eval_samples_per_prompt
         if self.rewards is None or n <= 0 or not self.eval_prompts:
             return {}
-        from ..rewards.builtin import named_color
-        from .runlog import save_image_grid
-
         worker = FlowRolloutWorker(self.policy, self.flow, self.cfg.seed, shares_learner_policy=True)
-        req = RolloutRequest("image", list(self.eval_prompts), n, EVAL_SEED_STEP,
-                             targets=[named_color(p) or "" for p in self.eval_prompts])
-        batch = worker.generate(req)
-        mix = self.rewards(batch, RewardContext(policy=self.policy, step=self.step))
-        m = {}
-        for name, out in mix.components.items():
-            m[f"eval/reward/{name}/mean"] = out.scores[out.valid].mean().item() if out.valid.any() else float("nan")
-        m["eval/reward/image/mean"] = mix.total[mix.valid].mean().item() if mix.valid.any() else float("nan")
-        if self.cfg.logging.image_grid_every:
-            k = min(len(batch), 32)
-            save_image_grid(batch.images[:k], [f"{batch.prompts[i]} r={mix.total[i]:.2f}" for i in range(k)],
-                            self.run_dir / "eval_samples" / f"step_{self.step:06d}.png")
-        return m
+        requests = [image_eval_request(self.eval_prompts, n)]
+        grid = (self.run_dir / "eval_samples" / f"step_{self.step:06d}.png") if self.cfg.logging.image_grid_every else None
+        return evaluate_samples(worker, requests, self.rewards, self.policy, self.step, grid)
 
     def save(self):
         return save_trainer(self)

@@ -41,7 +41,6 @@ from .preference_data import (GENERATION, UNDERSTANDING, GenerationPair, Prefere
                               UnderstandingPair, build_preference_set, read_preference_records, vq_model_key)
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "sft")
-EVAL_SEED_STEP = 10 ** 9  # the `step` that evaluation samples are seeded with: the same at every evaluation
 
 
 # ----------------------------------------------------------------------------- log-probs
@@ -451,8 +450,8 @@ class DPOTrainer:
                         lp = pair_logps(self.policy, pair, d.logprob_mode, d.cfg_scale)
                         outs.append((kind, dpo_losses(lp, self.eval_ref.get(kind, idx), **loss_kwargs(d))))
                 m.update(summarize_outputs(outs, "eval/dpo"))
-            m.update(sample_and_score(self.cfg, self.policy, getattr(self, "eval_tasks", None),
-                                      getattr(self, "rewards", None), self.run_dir, self.step))
+            m.update(evaluate_tasks(self.cfg, self.policy, getattr(self, "eval_tasks", None),
+                                    getattr(self, "rewards", None), self.run_dir, self.step))
         finally:
             self.policy.model.train(was_training)
         return m
@@ -514,46 +513,18 @@ def build_eval_tasks(cfg, policy):
 
 
 @torch.no_grad()
-def sample_and_score(cfg, policy, tasks, rewards, run_dir: Path, step: int) -> dict:
-    """Sample every task prompt `eval_samples_per_prompt` times with fixed seeds and score the samples.
+def evaluate_tasks(cfg, policy, tasks, rewards, run_dir: Path, step: int) -> dict:
+    """What DPO is ultimately for: the reward of what the policy *generates* (e.g. how red "a red
+    image" comes out), next to the held-out preference accuracy (`rl.evaluate`)."""
+    from ..rollouts.worker import RolloutWorker
+    from .evaluate import eval_requests, evaluate_samples
 
-    What DPO is ultimately for: the reward of what the policy *generates* (e.g. how red "a red
-    image" comes out), next to the held-out preference accuracy.
-    """
-    if not tasks or rewards is None or cfg.dpo.eval_samples_per_prompt <= 0:
-        return {}
-    from ..rewards.base import RewardContext
-    from ..rollouts.worker import RolloutRequest, RolloutWorker
-    from .runlog import save_image_grid
-
-    worker = RolloutWorker(policy, cfg.rollout, cfg.seed, shares_learner_policy=True)
-    m = {}
     n = cfg.dpo.eval_samples_per_prompt
-    for task in tasks:
-        if task.kind == "image":
-            req = RolloutRequest("image", list(task.prompts), n, EVAL_SEED_STEP,
-                                 targets=[_color_target(p) for p in task.prompts])
-        else:
-            req = RolloutRequest("text", [q for _, q, _ in task.items], n, EVAL_SEED_STEP,
-                                 targets=[a for _, _, a in task.items],
-                                 images=torch.stack([im for im, _, _ in task.items]))
-        batch = worker.generate(req)
-        if not rewards.applicable(batch.kind):
-            continue
-        mix = rewards(batch, RewardContext(policy=policy, step=step))
-        for name, out in mix.components.items():
-            m[f"eval/reward/{name}/mean"] = out.scores[out.valid].mean().item() if out.valid.any() else float("nan")
-        m[f"eval/reward/{batch.kind}/mean"] = mix.total[mix.valid].mean().item() if mix.valid.any() else float("nan")
-        if batch.kind == "image" and cfg.logging.image_grid_every:
-            k = min(len(batch), 32)
-            save_image_grid(batch.images[:k], [f"{batch.prompts[i]} r={mix.total[i]:.2f}" for i in range(k)],
-                            run_dir / "eval_samples" / f"step_{step:06d}.png")
-    return m
-
-
-def _color_target(prompt: str) -> str:
-    from ..rewards.builtin import named_color
-    return named_color(prompt) or ""
+    if not tasks or rewards is None or n <= 0:
+        return {}
+    worker = RolloutWorker(policy, cfg.rollout, cfg.seed, shares_learner_policy=True)
+    grid = run_dir / "eval_samples" / f"step_{step:06d}.png" if cfg.logging.image_grid_every else None
+    return evaluate_samples(worker, eval_requests(tasks, n), rewards, policy, step, grid)
 
 
 def run_summary(history: list[tuple[int, dict]], train_keys=("dpo/loss", "dpo/accuracy")) -> dict:
@@ -579,12 +550,6 @@ def run_summary(history: list[tuple[int, dict]], train_keys=("dpo/loss", "dpo/ac
 
 def _isnan(v) -> bool:
     return isinstance(v, float) and math.isnan(v)
-
-
-def print_eval_summary(summary: dict):
-    for k, v in summary.items():
-        if isinstance(v, dict) and "initial" in v:
-            print(f"  {k:40s} step {v['initial_step']}: {v['initial']:.4f}   step {v['final_step']}: {v['final']:.4f}")
 
 
 def run_loop(trainer, cfg, max_steps: int, desc: str, on_start=None) -> dict:
@@ -635,8 +600,7 @@ def run_loop(trainer, cfg, max_steps: int, desc: str, on_start=None) -> dict:
             rewards.close()
     summary = run_summary(history)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    print_eval_summary(summary)
-    return summary
+    return summary  # `uniloop train` prints it
 
 
 @register_algorithm("dpo")

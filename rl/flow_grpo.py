@@ -159,6 +159,14 @@ class FlowGRPOTrainer:
                 "flow/trained_transitions": len(transitions)}
 
     check_invalid = GRPOTrainer.check_invalid  # same invalid-reward abort rule as the Janus loop
+    eval_grid_path = GRPOTrainer.eval_grid_path
+
+    def evaluate(self) -> dict:
+        """eval/reward/* of every prompt, fixed seeds (grpo.eval_steps; `rl.evaluate`)."""
+        from .evaluate import eval_requests, evaluate_samples
+        worker = FlowRolloutWorker(self.policy, self.flow, self.cfg.seed, shares_learner_policy=True)
+        return evaluate_samples(worker, eval_requests([self.task], self.cfg.grpo.eval_samples_per_prompt),
+                                self.rewards, self.policy, self.step, self.eval_grid_path())
 
     # ------------------------------------------------------------------ checkpoints
     save = GRPOTrainer.save  # adapter, optimizer, version, RNG, step, invalid-reward streak

@@ -25,7 +25,7 @@ import torch
 from .algorithms import register_algorithm
 from .checkpoint import resume_trainer, save_trainer
 from .dpo import (DPOOutput, _chunks, build_eval_tasks, clip_and_step, dpo_losses, loss_kwargs, make_optimizer,
-                  pair_logps, reference_pair_logps, run_loop, sample_and_score,
+                  evaluate_tasks, pair_logps, reference_pair_logps, run_loop,
                   seed_everything, summarize_outputs)
 from .preference_data import GenerationPair, UnderstandingPair
 
@@ -218,7 +218,7 @@ class OnlineDPOTrainer:
         was_training = self.policy.model.training
         self.policy.model.eval()
         try:
-            return sample_and_score(self.cfg, self.policy, self.eval_tasks, self.rewards, self.run_dir, self.step)
+            return evaluate_tasks(self.cfg, self.policy, self.eval_tasks, self.rewards, self.run_dir, self.step)
         finally:
             self.policy.model.train(was_training)
 

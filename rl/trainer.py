@@ -180,6 +180,18 @@ class GRPOTrainer:
                                          self.cfg.rollout.logprob_mode, self.cfg.rollout.cfg_scale)
         return _chunks(len(batch), size)
 
+    def evaluate(self) -> dict:
+        """eval/reward/* of every task prompt, fixed seeds (`rl.evaluate`); a grid in eval_samples/."""
+        from .evaluate import eval_requests, evaluate_samples
+        worker = RolloutWorker(self.policy, self.cfg.rollout, self.cfg.seed, shares_learner_policy=True)
+        return evaluate_samples(worker, eval_requests(self.tasks, self.cfg.grpo.eval_samples_per_prompt),
+                                self.rewards, self.policy, self.step, self.eval_grid_path())
+
+    def eval_grid_path(self):
+        if not self.cfg.logging.image_grid_every:
+            return None
+        return self.run_dir / "eval_samples" / f"step_{self.step:06d}.png"
+
     def check_invalid(self, metrics: dict):
         g = self.cfg.grpo
         if metrics.get("reward/invalid_fraction", 0.0) > g.max_invalid_fraction:
@@ -356,11 +368,17 @@ def run_rl_loop(cfg: Config, trainer, resume: bool, desc: str) -> dict:
         print(f"resumed from step {trainer.step} ({latest_checkpoint(run_dir)})")
     bar = tqdm(total=cfg.grpo.max_steps, initial=trainer.step, desc=desc, disable=not cfg.logging.progress_bar,
                dynamic_ncols=True)
+    every = cfg.grpo.eval_steps
     try:
+        if every and trainer.step == 0:
+            logger.log(0, trainer.evaluate())  # the baseline the later evaluations compare against
         while trainer.step < cfg.grpo.max_steps:
             metrics, scored = trainer.train_step()
             step = trainer.step
-            if step % cfg.logging.log_every == 0 or step == cfg.grpo.max_steps:
+            evaluated = bool(every) and (step % every == 0 or step == cfg.grpo.max_steps)
+            if evaluated:
+                metrics.update(trainer.evaluate())
+            if step % cfg.logging.log_every == 0 or step == cfg.grpo.max_steps or evaluated:
                 logger.log(step, metrics)
             if cfg.logging.image_grid_every and (step % cfg.logging.image_grid_every == 0 or step == 1):
                 sample_grid(logger, step, scored)
@@ -385,12 +403,19 @@ def summarize(metrics_path: Path) -> dict:
     rows = [json.loads(ln) for ln in Path(metrics_path).read_text().splitlines() if ln.strip()]
     if not rows:
         return {}
-    k = max(1, len(rows) // 10)
     out = {"steps": rows[-1]["step"]}
+    rows, evals = [r for r in rows if r["step"] > 0], rows  # step 0 holds the baseline evaluation only
+    k = max(1, len(rows) // 10)
     keys = sorted({key for r in rows for key in r if key.startswith("reward/") and key.endswith("/mean")})
     for key in keys:
         first = [r[key] for r in rows[:k] if r.get(key) is not None]
         last = [r[key] for r in rows[-k:] if r.get(key) is not None]
         if first and last:
             out[key] = {"first_10pct": float(np.mean(first)), "last_10pct": float(np.mean(last))}
+    # evaluations (grpo.eval_steps): the first against the last, same prompts and seeds
+    for key in sorted({key for r in evals for key in r if key.startswith("eval/reward/")}):
+        vals = [(r["step"], r[key]) for r in evals if r.get(key) is not None]
+        if vals:
+            out[key] = {"initial": vals[0][1], "final": vals[-1][1], "initial_step": vals[0][0],
+                        "final_step": vals[-1][0]}
     return out

@@ -154,10 +154,14 @@ def test_flow_grpo_learns_to_follow_a_color_prompt(tmp_path, tiny_sd3_dir):
                                     "to_add_out"]
     cfg.image_task.prompts = ["a red image"]
     cfg.rollout.num_generations, cfg.grpo.beta, cfg.grpo.learning_rate = 8, 0.0, 3e-3
+    cfg.grpo.eval_samples_per_prompt = 8
     trainer = FlowGRPOTrainer(cfg)
+    before = trainer.evaluate()["eval/reward/color/mean"]  # fixed seeds: the same samples every time
+    assert trainer.evaluate()["eval/reward/color/mean"] == before
     rewards = [trainer.train_step()[0]["reward/color/mean"] for _ in range(14)]
     first, last = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
     assert last > first + 0.1, rewards
+    assert trainer.evaluate()["eval/reward/color/mean"] > before + 0.1
 
 
 def test_flow_grpo_run_checkpoints_and_resumes(tmp_path, tiny_sd3_dir):
