@@ -29,6 +29,7 @@ class _Batch:
         """Rows `index` (a list of ints or a bool/long tensor) as a new batch of the same type."""
         if isinstance(index, torch.Tensor):
             index = index.nonzero().flatten().tolist() if index.dtype == torch.bool else index.tolist()
+        index = list(index)
         out = {}
         for f in fields(self):
             v = getattr(self, f.name)
@@ -43,7 +44,7 @@ class _Batch:
     @classmethod
     def concat(cls, batches):
         """Concatenate batches row-wise (they must share padded lengths, as shards of one step do)."""
-        batches = [b for b in batches if len(b)]
+        batches = [b for b in batches if len(b)] or batches[:1]
         return cls(**{f.name: _cat([getattr(b, f.name) for b in batches]) for f in fields(cls)})
 
     def to(self, device):

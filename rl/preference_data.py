@@ -32,6 +32,8 @@ from typing import Any
 
 import torch
 
+from ..policies.batches import _Batch
+
 GENERATION = "generation"
 UNDERSTANDING = "understanding"
 JSONL_NAME = "pairs.jsonl"  # the file `uniloop pairs` writes inside its output directory
@@ -88,37 +90,12 @@ class PreferenceRecords:
 
 
 # ----------------------------------------------------------------------------- typed batches
-class _PairBatch:
-    """Row selection and concatenation for pair batches (every list/tensor field is per pair)."""
+class _PairBatch(_Batch):
+    """Row selection and concatenation (policies.batches) for pair batches: every list/tensor field is
+    per pair."""
 
     def __len__(self) -> int:
         return len(getattr(self, fields(self)[0].name))
-
-    def select(self, index) -> "_PairBatch":
-        index = list(index)
-        out = {}
-        for f in fields(self):
-            v = getattr(self, f.name)
-            if isinstance(v, torch.Tensor):
-                out[f.name] = v[index]
-            elif isinstance(v, list):
-                out[f.name] = [v[i] for i in index]
-            else:
-                out[f.name] = v
-        return type(self)(**out)
-
-    @classmethod
-    def concat(cls, batches):
-        out = {}
-        for f in fields(cls):
-            vals = [getattr(b, f.name) for b in batches]
-            if isinstance(vals[0], torch.Tensor):
-                out[f.name] = torch.cat(vals)
-            elif isinstance(vals[0], list):
-                out[f.name] = [x for v in vals for x in v]
-            else:
-                out[f.name] = vals[0]
-        return cls(**out)
 
 
 @dataclass
