@@ -323,3 +323,21 @@ def test_offline_dpo_learns_held_out_color_preferences(tiny_janus_dir, tmp_path)
     steps = [json.loads(x)["step"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(0, 44))
     assert resumed["eval/dpo/accuracy"]["initial"] == 0.5 and resumed["eval/dpo/accuracy"]["final"] >= 0.9
+
+
+def test_online_dpo_learns_to_make_the_named_color(tiny_janus_dir, tmp_path):
+    """Online DPO on one prompt: sample 16, pair the 4 best against the 4 worst by color, DPO, repeat.
+    The fixed-seed evaluation's color reward rises from ~0.46 to the tiny VQ's ceiling (~0.74) within
+    16 rounds (measured for seeds 1 and 2: 0.459 -> 0.744, 0.464 -> 0.740; with two prompts the gain
+    is ~+0.10 in 20 rounds)."""
+    from uniloop.rl.algorithms import get_algorithm
+    cfg = load_config(Path(__file__).parent.parent / "configs" / "online_dpo_quickstart.yaml", [
+        f"output_dir={tmp_path / 'run'}", f"model.tiny_dir={tiny_janus_dir}", "seed=0",
+        "image_task.prompts=[a red image]", "image_task.prompts_per_step=1", "rollout.num_generations=16",
+        "rollout.cfg_scale=1.0", "dpo.online_pairs_per_prompt=4", "dpo.online_updates=2", "dpo.max_steps=16",
+        "dpo.eval_steps=16", "dpo.eval_samples_per_prompt=16", "logging.progress_bar=false",
+        "logging.tensorboard=false", "logging.image_grid_every=0", "logging.save_every=0"])
+    summary = get_algorithm("online_dpo")(cfg, resume=False)
+    ev = summary["eval/reward/color/mean"]
+    assert (ev["initial_step"], ev["final_step"]) == (0, 16)
+    assert ev["final"] > ev["initial"] + 0.15, ev
