@@ -342,6 +342,21 @@ def test_killing_a_rollout_actor_mid_job_loses_and_duplicates_nothing(ray_local,
     assert all(r["adapter"] == str(job_inputs["adapter"].absolute()) for r in records)
 
 
+def test_rollout_job_with_async_rewards_writes_the_reference_records(tiny_janus_dir, job_inputs, reference_job,
+                                                                    tmp_path):
+    """Async rewards score shard k while shard k+1 samples; the records are those of the sync job."""
+    out = tmp_path / "job"
+    args = job_overrides(tiny_janus_dir, job_inputs, out)
+    args[-1] = "rewards=[{name: color, async_scoring: true}, {name: exact_match, async_scoring: true}]"
+    written = []
+    run_job(load_config(JOB_RECIPE, args), progress=False, on_shard=lambda k, backend: written.append(k))
+    records = read_records(out)
+    assert written == sorted(written) and len(written) == -(-job_inputs["num_prompts"] // 2)  # in order
+    assert_complete_and_equal(records, reference_job, job_inputs["num_prompts"])
+    for r in records:
+        assert r["rewards"] == reference_job[r["id"]]["rewards"] and r["reward"] == reference_job[r["id"]]["reward"]
+
+
 def test_interrupted_rollout_job_resumes_without_duplicates(tiny_janus_dir, job_inputs, reference_job, tmp_path):
     from uniloop.rl.cli import main
 
