@@ -35,7 +35,7 @@ from ..rollouts.flow_worker import FlowRolloutWorker, default_tiny_dir, make_flo
 from .algorithms import register_algorithm
 from .checkpoint import resume_trainer, save_trainer
 from .config import FlowConfig
-from .dpo import (PairLogps, clip_and_step, dpo_losses, loss_kwargs, make_optimizer, run_loop,
+from .dpo import (PairLogps, finish_dpo_step, dpo_losses, loss_kwargs, make_optimizer, run_loop,
                   read_train_eval, summarize_outputs)
 
 EVAL_NOISE_SEED = 12345  # held-out pairs are scored with the same (t, noise) at every evaluation
@@ -211,12 +211,7 @@ class DiffusionDPOTrainer:
             out = dpo_losses(lp, ref, **loss_kwargs(d))
             (out.losses.sum() / len(picks)).backward()  # every pair weighs the same in the step's mean
             outs.append(("generation", out))
-        norm = clip_and_step(self.policy, self.optimizer, d.max_grad_norm)
-        self.policy.version += 1
-        self.step = step
-        m = summarize_outputs(outs, "dpo")
-        m.update({"grad_norm": norm, "time/update": time.perf_counter() - t0})
-        return m
+        return finish_dpo_step(self, outs, step, t0)
 
     @torch.no_grad()
     def evaluate(self) -> dict:

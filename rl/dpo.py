@@ -425,12 +425,7 @@ class DPOTrainer:
                 out = dpo_losses(pair_logps(self.policy, pair, d.logprob_mode, d.cfg_scale), ref, **loss_kwargs(d))
                 (out.losses.sum() / per_step).backward()  # every pair weighs the same in the step's mean
                 outs.append((kind, out))
-        norm = clip_and_step(self.policy, self.optimizer, d.max_grad_norm)
-        self.policy.version += 1
-        self.step = step
-        m = summarize_outputs(outs, "dpo")
-        m.update({"grad_norm": norm, "time/update": time.perf_counter() - t0})
-        return m
+        return finish_dpo_step(self, outs, step, t0)
 
     # -- evaluation
     @torch.no_grad()
@@ -477,6 +472,14 @@ def make_optimizer(policy, d):
         raise ValueError("the policy has no trainable parameters (is the LoRA adapter attached?)")
     return torch.optim.AdamW(params, lr=d.learning_rate, weight_decay=d.weight_decay,
                              betas=(d.adam_beta1, d.adam_beta2))
+
+
+def finish_dpo_step(trainer, outs: list, step: int, t0: float) -> dict:
+    """The end of every DPO step: clip, optimizer step, new adapter version, the step's dpo/* metrics."""
+    norm = clip_and_step(trainer.policy, trainer.optimizer, trainer.d.max_grad_norm)
+    trainer.policy.version += 1
+    trainer.step = step
+    return {**summarize_outputs(outs, "dpo"), "grad_norm": norm, "time/update": time.perf_counter() - t0}
 
 
 def clip_and_step(policy, optimizer, max_grad_norm: float) -> float:

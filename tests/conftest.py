@@ -13,6 +13,15 @@ import torch  # noqa: E402
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny matmuls: extra threads only add contention on a shared 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tiny_janus_dir(tmp_path_factory):
     """A tiny real Janus checkpoint written with save_pretrained (built once per session)."""

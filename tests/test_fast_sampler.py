@@ -22,13 +22,7 @@ PADDED = ["red", "a picture of the color green with blue"]  # different lengths 
 UNPADDED = ["red", "blue", "green"]  # one word each: no padding, transformers drops the mask
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny matmuls: threads only add contention on a shared 2-core machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

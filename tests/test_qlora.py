@@ -18,12 +18,7 @@ from uniloop.policies.tiny import build_tiny_janus
 bnb = pytest.importorskip("bitsandbytes")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
