@@ -54,7 +54,7 @@ def start_judge_server(judge_dir: str, log_path: Path):
 
 def run_mode(args, model_dir: str, url: str, out: str, mode: str) -> dict:
     from uniloop.rl.config import load_config
-    from uniloop.rl.trainer import GRPOTrainer
+    from uniloop.rl.grpo import GRPOTrainer
 
     colors = ["red", "green", "blue", "yellow", "cyan", "magenta", "white", "black"]
     plist = ", ".join(f"a {colors[i % len(colors)]} image" for i in range(args.prompts))

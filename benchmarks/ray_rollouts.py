@@ -56,19 +56,22 @@ def make_cfg(model_dir: str, out: str, workers: int, prompts: int, samples: int)
 def throughput(args, model_dir: str, tmp: str) -> dict:
     import ray
 
+    from uniloop.policies.registry import build_policy
+    from uniloop.rewards.actors import init_ray
     from uniloop.rl.tasks import build_tasks
-    from uniloop.rollouts.ray_pool import RayWorkerPool, init_ray
-    from uniloop.rollouts.worker import RolloutWorker, make_policy
+    from uniloop.rl.trainer import policy_spec, sampling_settings
+    from uniloop.rollouts.ray_pool import RayWorkerPool
+    from uniloop.rollouts.worker import RolloutWorker
 
     out = {}
     n_samples = args.prompts * args.samples
     cfg = make_cfg(model_dir, tmp, 0, args.prompts, args.samples)
-    policy = make_policy(cfg.model, cfg.lora)
+    policy = build_policy(policy_spec(cfg))
     tasks = build_tasks(cfg, policy.image_size)
     reqs = lambda step: [t.request(step, args.samples) for t in tasks]  # noqa: E731
     for threads in (1, 2):
         torch.set_num_threads(threads)
-        w = RolloutWorker(policy, cfg.rollout, cfg.seed, shares_learner_policy=True)
+        w = RolloutWorker(policy, sampling_settings(cfg), cfg.seed, shares_learner_policy=True)
         w.generate(reqs(0)[0])
         t0 = time.perf_counter()
         for s in range(1, args.repeats + 1):
@@ -84,7 +87,7 @@ def throughput(args, model_dir: str, tmp: str) -> dict:
     for workers in (1, 2):
         cfg = make_cfg(model_dir, tmp, workers, args.prompts, args.samples)
         t0 = time.perf_counter()
-        pool = RayWorkerPool(cfg)
+        pool = RayWorkerPool(policy_spec(cfg), sampling_settings(cfg), cfg.rollout, cfg.seed, cfg.ray)
         start = time.perf_counter() - t0
         pool.sync(policy, 0)
         pool.generate(reqs(0), 0)
@@ -144,9 +147,10 @@ def quickstart_overhead(args, tmp: str) -> dict:
               "--set", "logging.save_every=0"]
     env = {**os.environ}
     # build the quickstart's tiny model once, where both runs look for it, so neither pays the build
+    from uniloop.policies.registry import resolve_checkpoint
     from uniloop.rl.config import load_config
-    from uniloop.rollouts.ray_pool import resolve_model_path
-    resolve_model_path(load_config(REPO / "configs" / "quickstart.yaml", [f"output_dir={tmp}/qs_in_process"]))
+    from uniloop.rl.trainer import policy_spec
+    resolve_checkpoint(policy_spec(load_config(REPO / "configs" / "quickstart.yaml", [f"output_dir={tmp}/qs_in_process"])))
     for name, extra in (("in_process", []), ("ray_2_workers", ["--set", "rollout.num_workers=2",
                                                                "--set", f"ray.temp_dir={tmp}/ray_qs"])):
         run_dir = f"{tmp}/qs_{name}"

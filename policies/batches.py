@@ -1,8 +1,15 @@
-"""Typed batches that flow policies -> rollouts -> rewards -> rl.
+"""Every typed batch that flows policies -> rollouts -> rewards -> rl, in one module.
 
-A rollout batch carries everything the learner needs to recompute log-probs (token ids, masks),
-everything rewards need to score it (prompts, pixels, answer text), and the bookkeeping that makes
-distributed sampling checkable (the adapter version it was sampled with, group ids).
+- Rollouts: `ImageRollout` (Janus image tokens), `TextRollout` (answers), `FlowRollout` (a
+  flow-matching trajectory). A rollout carries everything the learner needs to recompute log-probs
+  (token ids, masks, latents), everything rewards need to score it (prompts, pixels, answer text),
+  and the bookkeeping that makes distributed sampling checkable (adapter version, group ids).
+- Scores: `RewardOutput` (one reward's per-sample scores and validity) and `ScoredBatch` (a rollout
+  with its mixed reward, components and, once the learner sets them, advantages and log-probs).
+- Preference pairs: `GenerationPair`, `UnderstandingPair` (token/answer pairs for DPO) and
+  `LatentPairs` (image latents for Diffusion-DPO).
+
+Every field is declared on its dataclass; nothing is attached after construction.
 """
 from __future__ import annotations
 
@@ -43,9 +50,15 @@ class _Batch:
 
     @classmethod
     def concat(cls, batches):
-        """Concatenate batches row-wise (they must share padded lengths, as shards of one step do)."""
+        """Concatenate batches row-wise; token batches are re-padded to a common length first."""
         batches = [b for b in batches if len(b)] or batches[:1]
+        batches = cls._align(batches)
         return cls(**{f.name: _cat([getattr(b, f.name) for b in batches]) for f in fields(cls)})
+
+    @classmethod
+    def _align(cls, batches):
+        """Pad the batches' variable-length fields to a common width (none by default)."""
+        return batches
 
     def to(self, device):
         return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self)
@@ -77,6 +90,10 @@ class ImageRollout(_Batch):
 
     kind = "image"
 
+    @classmethod
+    def _align(cls, batches):
+        return _pad_prompts(batches)
+
     def logprobs(self, mode: str) -> torch.Tensor:
         return self.logprobs_cfg if mode == "cfg" else self.logprobs_cond
 
@@ -106,6 +123,11 @@ class TextRollout(_Batch):
 
     kind = "text"
 
+    @classmethod
+    def _align(cls, batches):
+        width = max(b.answer_ids.shape[1] for b in batches)
+        return [_right_pad_answers(b, width) for b in _pad_prompts(batches)]
+
     def logprobs(self, mode: str = "cfg") -> torch.Tensor:
         return self.logprobs_sampled
 
@@ -114,4 +136,150 @@ class TextRollout(_Batch):
         return self.answer_mask.float()
 
 
-Rollout = ImageRollout | TextRollout
+@dataclass
+class FlowRollout(_Batch):
+    """prompt -> image samples of a flow-matching policy, with their whole denoising trajectory.
+
+    `latents[:, k]` is the state before step k and `latents[:, k + 1]` the one after it, so the
+    transition k can be re-scored by the learner; `logprobs[:, k]` is its log-prob (mean over the
+    latent's dimensions) under the policy that sampled it, with the guidance it used.
+    """
+
+    prompts: list[str]
+    latents: torch.Tensor  # (B, K + 1, C, h, w) float32 trajectory, noise first, final latent last
+    sigmas: torch.Tensor  # (B, K + 1) the flow times t of the trajectory (1 ... 0)
+    logprobs: torch.Tensor  # (B, K) float32 log-prob of each transition
+    images: torch.Tensor  # (B, H, W, 3) float in [0, 1]
+    group_ids: torch.Tensor  # (B,) samples of one prompt share a group id
+    version: int = 0  # adapter version the samples were drawn with
+    cfg_scale: float = 1.0
+    noise_level: float = 0.7
+    targets: list[str] = field(default_factory=list)  # optional per-sample ground truth (e.g. color)
+
+    kind = "image"
+
+    @property
+    def num_steps(self) -> int:
+        return self.logprobs.shape[1]
+
+
+Rollout = ImageRollout | TextRollout | FlowRollout
+
+
+def _pad_prompts(batches: list) -> list:
+    """Left-pad every batch's prompts to the longest prompt among them."""
+    L = max(b.prompt_ids.shape[1] for b in batches)
+    return [_left_pad(b, L) for b in batches]
+
+
+def _left_pad(b, L: int):
+    """Left-pad a batch's prompt ids/mask to length L (prompts are left-padded: they end where the
+    sampled part begins)."""
+    extra = L - b.prompt_ids.shape[1]
+    if extra == 0:
+        return b
+    ids, mask = b.prompt_ids, b.prompt_mask
+    pad_id = int(ids[mask == 0][0]) if (mask == 0).any() else 0
+    ids = torch.cat([ids.new_full((ids.shape[0], extra), pad_id), ids], 1)
+    mask = torch.cat([mask.new_zeros(mask.shape[0], extra), mask], 1)
+    return replace(b, prompt_ids=ids, prompt_mask=mask)
+
+
+def _right_pad_answers(b: TextRollout, A: int):
+    extra = A - b.answer_ids.shape[1]
+    if extra == 0:
+        return b
+    pad_id = int(b.answer_ids[b.answer_mask == 0][0]) if (b.answer_mask == 0).any() else 0
+    z = lambda t, v: torch.cat([t, t.new_full((t.shape[0], extra), v)], 1)  # noqa: E731
+    return replace(b, answer_ids=z(b.answer_ids, pad_id), answer_mask=z(b.answer_mask, 0),
+                   logprobs_sampled=z(b.logprobs_sampled, 0.0))
+
+
+def concat_rollouts(parts: list):
+    """Concatenate rollout batches of one kind (shards or chunks of one step), re-padded as needed."""
+    return parts[0] if len(parts) == 1 else type(parts[0]).concat(parts)
+
+
+# ----------------------------------------------------------------------------- scores
+@dataclass
+class RewardOutput:
+    """One reward's scores of a batch: a float per sample and whether it could be computed."""
+
+    scores: torch.Tensor  # (B,) float; meaningless where ~valid
+    valid: torch.Tensor  # (B,) bool
+    details: dict[str, list] = field(default_factory=dict)  # optional per-sample extras (judge text...)
+
+    @classmethod
+    def from_scores(cls, scores, details=None):
+        s = torch.as_tensor(scores, dtype=torch.float32).flatten()
+        return cls(scores=s, valid=torch.isfinite(s), details=details or {})
+
+
+@dataclass
+class ScoredBatch:
+    """A rollout batch with its rewards: what the sample -> score pipeline returns and the update
+    consumes. The learner fills `advantages` (and the log-prob fields it needs) before updating."""
+
+    batch: Rollout
+    rewards: torch.Tensor  # (B,) the mixed reward (meaningless where ~valid)
+    valid: torch.Tensor  # (B,) bool: every applicable component valid
+    components: dict[str, RewardOutput] = field(default_factory=dict)  # reward name -> its raw output
+    advantages: torch.Tensor | None = None  # (B,)
+    old_logprobs: torch.Tensor | None = None  # (B, T) the ratio's denominator when not the current policy
+    ref_logprobs: torch.Tensor | None = None  # (B, T) under the reference model (KL)
+    metrics: dict[str, float] = field(default_factory=dict)  # per-batch statistics (advantage/...)
+
+
+# ----------------------------------------------------------------------------- preference pairs
+GENERATION = "generation"
+UNDERSTANDING = "understanding"
+
+
+class _PairBatch(_Batch):
+    """Row selection and concatenation for pair batches: every list/tensor field is per pair."""
+
+    def __len__(self) -> int:
+        return len(getattr(self, fields(self)[0].name))
+
+
+@dataclass
+class GenerationPair(_PairBatch):
+    """Generation pairs as the policy sees them: prompts and the two images as VQ token ids."""
+
+    prompts: list[str]
+    chosen_tokens: torch.Tensor  # (B, T) long
+    rejected_tokens: torch.Tensor  # (B, T) long
+    meta: list[dict]
+
+    kind = GENERATION
+
+
+@dataclass
+class UnderstandingPair(_PairBatch):
+    """Understanding pairs: the image asked about, the question, and the two answers."""
+
+    questions: list[str]
+    images: torch.Tensor  # (B, H, W, 3) float in [0, 1] at the understanding resolution
+    chosen: list[str]
+    rejected: list[str]
+    meta: list[dict]
+    # Exact answer token ids (as sampled, online DPO); None = tokenise the answer texts.
+    chosen_ids: list[list[int]] | None = None
+    rejected_ids: list[list[int]] | None = None
+
+    kind = UNDERSTANDING
+
+
+@dataclass
+class LatentPairs(_PairBatch):
+    """Generation pairs as a flow model sees them: prompts and the two images' latents."""
+
+    prompts: list[str]
+    chosen: torch.Tensor  # (B, C, h, w) latents in the transformer's space
+    rejected: torch.Tensor  # (B, C, h, w)
+    meta: list[dict]
+
+    kind = GENERATION
+
+
+PairBatch = GenerationPair | UnderstandingPair | LatentPairs

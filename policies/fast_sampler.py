@@ -12,7 +12,7 @@ What this does instead, per call:
      PEFT LoRA layers included, so an active adapter applies) and transformers' rotary function,
      writes the new key/value into the static cache, and runs SDPA over the *filled* prefix only;
   3. the head, CFG combination, log-softmax, top-k and inverse-CDF sampling (`uniforms_for`,
-     `inverse_cdf_sample` from janus.py) run on the device and write tokens and log-probs into
+     `inverse_cdf_sample` from sampling.py) run on the device and write tokens and log-probs into
      device buffers at a step index kept on the device: no host synchronisation until the end.
 
 On CUDA the step is captured as a CUDA graph per (batch, attention-length bucket of 64 positions,
@@ -44,6 +44,8 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
+from .sampling import filter_top_k, guided_logits, inverse_cdf_sample, positions_from_mask, uniforms_for
 
 SAMPLERS = ("auto", "plain", "fast")
 
@@ -193,8 +195,6 @@ class FastImageSampler:
     # ------------------------------------------------------------------ the step (captured on CUDA)
     def _sample_into_buffers(self, h_last: torch.Tensor):
         """Head + CFG + sampling, written at the device-side step index; then advance the step."""
-        from .janus import filter_top_k, guided_logits, inverse_cdf_sample
-
         ws = self.ws
         cfg_scale, temperature, top_k, use_cfg = self._settings
         B = ws.batch
@@ -346,8 +346,6 @@ class FastImageSampler:
         `ids`/`mask` are the encoded (left-padded) prompts, as `encode_generation_prompts` returns.
         """
         from transformers import DynamicCache
-
-        from .janus import positions_from_mask, uniforms_for
 
         self._check_model()
         policy = self.policy

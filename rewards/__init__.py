@@ -1,4 +1,9 @@
-"""Rewards: the interface, a registry, a weighted mixture, and the built-in rewards."""
+"""Rewards: the interface, a registry, a weighted mixture, and the built-in rewards.
+
+Importing the package registers every built-in reward type (the modules below), so `reward_types()`
+lists them whichever module of the package is imported first.
+"""
+from . import builtin, clip, judges, ray_actor, rules, self_understanding, understanding_model  # noqa: F401
 from .base import (Reward, RewardContext, RewardError, RewardMixture, RewardOutput, RewardSpec,
                    register_reward, reward_types)
 

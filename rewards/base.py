@@ -15,37 +15,17 @@ from typing import Callable
 
 import torch
 
-from ..policies.batches import ImageRollout, TextRollout
+from ..policies.batches import ImageRollout, RewardOutput, TextRollout
+from ..policies.registry import Registry
 
-_REGISTRY: dict[str, type] = {}
-
-
-def register_reward(name: str):
-    """Class decorator: make a reward available to configs as `type: <name>`."""
-    def wrap(cls):
-        if name in _REGISTRY and _REGISTRY[name] is not cls:
-            raise ValueError(f"reward {name!r} is already registered by {_REGISTRY[name].__name__}")
-        _REGISTRY[name] = cls
-        cls.registry_name = name
-        return cls
-    return wrap
+_REGISTRY = Registry("reward type", name_attr="registry_name")
+register_reward = _REGISTRY.register  # class decorator: `@register_reward("name")` -> `type: name` in configs
 
 
 def reward_types() -> dict[str, type]:
-    from . import builtin  # noqa: F401  (registers the built-in rewards)
+    """Every registered reward type. The built-ins register when the `uniloop.rewards` package is
+    imported, which Python does before any of its modules (this one included) can be used."""
     return dict(_REGISTRY)
-
-
-@dataclass
-class RewardOutput:
-    scores: torch.Tensor  # (B,) float; meaningless where ~valid
-    valid: torch.Tensor  # (B,) bool
-    details: dict[str, list] = field(default_factory=dict)  # optional per-sample extras (judge text...)
-
-    @classmethod
-    def from_scores(cls, scores, details=None):
-        s = torch.as_tensor(scores, dtype=torch.float32).flatten()
-        return cls(scores=s, valid=torch.isfinite(s), details=details or {})
 
 
 class Reward:
@@ -264,6 +244,26 @@ class RewardMixture:
         self._lanes = {}
         for s in self.specs:
             s.reward.close()
+
+
+def build_mixture(reward_cfgs, combine: str = "sum_then_normalize") -> RewardMixture:
+    """The mixture a run's `rewards:` list describes (each entry: name, type, weight, normalize, clip,
+    async_scoring, args), every reward built from the registry with its `args`."""
+    types = reward_types()
+    specs = []
+    for i, rc in enumerate(reward_cfgs):
+        tname = rc.type or rc.name
+        if tname not in types:
+            raise ValueError(f"rewards[{i}] ({rc.name!r}): unknown reward type {tname!r}; "
+                             f"registered: {sorted(types)}")
+        try:
+            reward = types[tname](**dict(rc.args))
+        except TypeError as e:
+            raise ValueError(f"rewards[{i}] ({rc.name!r}): bad args for {tname}: {e}") from None
+        specs.append(RewardSpec(rc.name, rc.weight, reward, normalize=rc.normalize,
+                                clip=tuple(rc.clip) if rc.clip is not None else None,
+                                run_async=rc.async_scoring))
+    return RewardMixture(specs, combine=combine)
 
 
 def _done(fn, *args) -> Future:

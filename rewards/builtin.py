@@ -1,7 +1,7 @@
 """Built-in rewards for the synthetic tasks and plain text answers.
 
-Heavier rewards live in their own modules (clip.py, self_understanding.py) and are imported here
-so that `reward_types()` sees every built-in after one import.
+Heavier rewards live in their own modules (clip.py, judges.py, self_understanding.py, ...); the
+package's __init__ imports them all, so every built-in is registered once `uniloop.rewards` is.
 """
 from __future__ import annotations
 
@@ -68,6 +68,3 @@ class ExactMatchReward(Reward):
             raise ValueError("exact_match needs reference answers: give the text task `answers`")
         norm = normalize_answer if self.normalize else (lambda s: s.strip())
         return RewardOutput.from_scores([float(norm(a) == norm(t)) for a, t in zip(batch.answers, batch.targets)])
-
-
-from . import clip, judges, ray_actor, rules, self_understanding, understanding_model  # noqa: E402,F401  (register the heavier built-ins)

@@ -18,8 +18,8 @@ the batch is scored again; after `max_restarts` restarts the run stops with an e
 from __future__ import annotations
 
 import os
-import time
 
+from .actors import init_ray, wait_for_restart
 from .base import Reward, RewardContext, RewardOutput, register_reward, reward_types
 
 
@@ -60,7 +60,6 @@ class RayActorReward(Reward):
                              f"{sorted(t for t in types if t != 'ray_actor')}")
         import ray
 
-        from ..rollouts.ray_pool import init_ray
         self.started_ray = init_ray(None)
         self.reward_type, self.max_restarts, self.restarts = reward, max_restarts, 0
         # the class declares its modalities; the mixture asks before any batch is scored
@@ -79,24 +78,8 @@ class RayActorReward(Reward):
                 self._recover(e)  # then score the same batch again
 
     def _recover(self, err):
-        import ray
-        deadline, died = time.monotonic() + 300, 0
-        while True:
-            try:
-                pid = ray.get(self.actor.pid.remote(), timeout=300)
-                break
-            except ray.exceptions.ActorDiedError as e:
-                died += 1
-                if died >= 3 or time.monotonic() > deadline:
-                    raise RuntimeError(f"reward actor {self.reward_type!r} died and was not restarted (restarted "
-                                       f"{self.restarts} time(s), max_restarts={self.max_restarts}): "
-                                       f"{str(err).splitlines()[0]}") from e
-                time.sleep(0.5)
-            except (ray.exceptions.ActorUnavailableError, ray.exceptions.GetTimeoutError) as e:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"reward actor {self.reward_type!r} did not come back after: "
-                                       f"{str(err).splitlines()[0]}") from e
-                time.sleep(0.2)
+        pid = wait_for_restart(self.actor, f"reward actor {self.reward_type!r}", self.restarts,
+                               f"max_restarts={self.max_restarts}", err)
         if pid != self.pid:
             self.pid, self.restarts = pid, self.restarts + 1
             if self.restarts > self.max_restarts:

@@ -17,6 +17,8 @@ from contextlib import nullcontext
 import torch
 
 from .base import Reward, RewardContext, RewardOutput, register_reward
+from .clip import ClipReward
+from .judges import VLMJudge
 
 _LEAD = re.compile(r"^(?:an?\s+|the\s+)?(?:photo|picture|image|painting|drawing|rendering|render|illustration|"
                    r"sketch)\s+of\s+", re.I)
@@ -152,10 +154,8 @@ class CycleConsistencyReward(Reward):
         self.caption_question, self.captioner = caption_question, captioner
         self.max_new_tokens, self.batch_size, self.scorer = max_new_tokens, batch_size, scorer
         if scorer == "clip":
-            from .clip import ClipReward
             self.clip = ClipReward(**(clip or {}))
         elif scorer == "judge":
-            from .judges import VLMJudge
             args = {"mode": "understanding_pointwise", "template": CYCLE_JUDGE_TEMPLATE, **(judge or {})}
             if args["mode"] != "understanding_pointwise":
                 raise ValueError("cycle_consistency judge must use mode understanding_pointwise")

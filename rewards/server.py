@@ -31,7 +31,8 @@ import uuid
 from concurrent.futures import Future
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from .judges import TransformersVLM, decode_data_url
+from .judge_backends import TransformersVLM, decode_data_url
+from .tiny_judge import build_tiny_vlm_judge, default_tiny_judge_dir
 
 _FAULT = re.compile(r"\[\[fault:(500|sleep=[0-9.]+)(?:x([0-9]+))?\]\]")
 
@@ -271,7 +272,6 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     path = args.model
     if args.model == "tiny":
-        from .tiny_judge import build_tiny_vlm_judge, default_tiny_judge_dir
         path = build_tiny_vlm_judge(args.tiny_dir or default_tiny_judge_dir())
     key = None
     if args.api_key_env:

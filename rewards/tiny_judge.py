@@ -31,6 +31,8 @@ from pathlib import Path
 import torch
 
 from ..policies.tiny import COLORS, built_with, palette, publish_build
+from .judge_backends import (COT_SUFFIX, DEFAULT_TEMPLATES, JudgeRequest, default_template, fill_template,
+                             request_to_messages)
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
             "<|image_pad|>", "<|video_pad|>"]
@@ -62,7 +64,6 @@ def default_tiny_judge_dir() -> Path:
 
 
 def _corpus() -> list[str]:
-    from .judges import COT_SUFFIX, DEFAULT_TEMPLATES
     lines = list(DEFAULT_TEMPLATES.values()) + [COT_SUFFIX]
     for c in COLORS:
         lines += [t.format(c=c) for t in CAPTIONS] + [f"The answer is {c}."]
@@ -166,8 +167,6 @@ def _wrong_answer(rng: random.Random, color: str) -> str:
 
 def color_judge_example(rng: random.Random) -> tuple[list, str]:
     """(request content, target verdict) for one random mode, using our default templates."""
-    from .judges import default_template, fill_template
-
     mode = rng.choice(["generation_pointwise", "generation_pairwise", "understanding_pointwise",
                        "understanding_pairwise"])
     t = default_template(mode)
@@ -214,8 +213,6 @@ def fit_color_judge(model, processor, steps: int = 60, batch: int = 16, lr: floa
 
 
 def _fit(model, processor, tok, rng, steps, batch, lr):
-    from .judges import JudgeRequest, request_to_messages
-
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     model.train()

@@ -1,46 +1,22 @@
-"""Algorithm registry: `uniloop train` dispatches on `cfg.algorithm`.
+"""The built-in algorithms, each one trainer in one file; importing this module registers them all.
 
-An algorithm is a function `fn(cfg: Config, resume: bool) -> dict` (a summary of the run).
-New algorithms plug in with `@register_algorithm("name")` without touching the CLI.
+| algorithm       | trainer                                  | what it trains on                        |
+| --------------- | ---------------------------------------- | ---------------------------------------- |
+| `grpo`          | rl/grpo.py `GRPOTrainer`                 | sampled image/text rollouts, rewards      |
+| `flow_grpo`     | rl/flow_grpo.py `FlowGRPOTrainer`        | SDE trajectories of a flow generator      |
+| `dpo`           | rl/dpo.py `DPOTrainer`                   | preference pairs from files or datasets   |
+| `online_dpo`    | rl/online_dpo.py `OnlineDPOTrainer`      | pairs ranked from fresh samples           |
+| `diffusion_dpo` | rl/diffusion_dpo.py `DiffusionDPOTrainer`| image pairs, flow-matching errors         |
 """
 from __future__ import annotations
 
-import functools
-import importlib
-
-_ALGORITHMS: dict = {}
-
-# Modules that register the built-in algorithms; imported lazily so `uniloop --help` stays fast.
-_BUILTIN_MODULES = ["uniloop.rl.trainer", "uniloop.rl.dpo", "uniloop.rl.online_dpo",
-                    "uniloop.rl.flow_grpo", "uniloop.rl.diffusion_dpo"]
-
-
-def register_algorithm(name: str):
-    """Register `fn(cfg, resume)`. The registered entry first moves an earlier run in cfg.output_dir
-    aside when this one is not a resume (`runlog.prepare_run_dir`): runs never mix their files."""
-    def wrap(fn):
-        @functools.wraps(fn)
-        def run(cfg, resume: bool = False):
-            from .runlog import prepare_run_dir
-            prepare_run_dir(cfg.output_dir, resume)
-            return fn(cfg, resume=resume)
-        _ALGORITHMS[name] = run
-        return run
-    return wrap
+from . import diffusion_dpo, dpo, flow_grpo, grpo, online_dpo  # noqa: F401  (register the built-ins)
+from .registry import get_algorithm, register_algorithm, registered_algorithms
 
 
 def algorithms() -> dict:
-    for mod in _BUILTIN_MODULES:
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as e:
-            if e.name != mod:  # a real missing dependency inside the module: surface it
-                raise
-    return dict(_ALGORITHMS)
+    """Every registered algorithm: name -> trainer class."""
+    return registered_algorithms()
 
 
-def get_algorithm(name: str):
-    algos = algorithms()
-    if name not in algos:
-        raise ValueError(f"unknown algorithm {name!r}; available: {sorted(algos)}")
-    return algos[name]
+__all__ = ["algorithms", "get_algorithm", "register_algorithm"]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 # Subcommands implemented elsewhere: name -> "module:function(argv)". New tools add a line here.
 COMMANDS = {
-    "rollout": "uniloop.rollouts.job:main",
+    "rollout": "uniloop.rl.jobs:main",
     "pairs": "uniloop.rl.pairs:main",
     "serve-judge": "uniloop.rewards.server:main",
 }
@@ -32,12 +32,13 @@ def train_main(argv=None) -> int:
                    help="override a config value, e.g. --set grpo.learning_rate=1e-4 (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
     args = p.parse_args(argv)
-    from .algorithms import get_algorithm
-    from .config import ConfigError, load_config
+    from .algorithms import get_algorithm  # the trainers import torch: not needed for `uniloop --help`
+    from .config import ConfigError
+    from .validate import load_run_config
 
     path = Path(args.config) if args.config else default_config_path()
     try:
-        cfg = load_config(path, args.overrides)
+        cfg = load_run_config(path, args.overrides)
         algo = get_algorithm(cfg.algorithm)
     except (ConfigError, ValueError) as e:
         print(f"uniloop train: {e}", file=sys.stderr)

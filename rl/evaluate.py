@@ -12,13 +12,14 @@ from pathlib import Path
 import torch
 
 from ..rewards.base import RewardContext
+from ..rewards.builtin import named_color
 from ..rollouts.worker import RolloutRequest
+from .runlog import save_image_grid
 
 EVAL_SEED_STEP = 10 ** 9  # the `step` evaluation samples are seeded with: the same at every evaluation
 
 
 def image_eval_request(prompts: list[str], samples_per_prompt: int) -> RolloutRequest:
-    from ..rewards.builtin import named_color
     return RolloutRequest("image", list(prompts), samples_per_prompt, EVAL_SEED_STEP,
                           targets=[named_color(p) or "" for p in prompts])
 
@@ -41,8 +42,6 @@ def evaluate_samples(worker, requests: list[RolloutRequest], rewards, policy, st
                      grid_path: str | Path | None = None) -> dict:
     """Sample `requests` with `worker` (its policy in eval mode) and score them: eval/reward/* metrics;
     with `grid_path`, a PNG grid of (up to 32) sampled images with their rewards."""
-    from .runlog import save_image_grid
-
     if rewards is None or not requests:
         return {}
     m = {}

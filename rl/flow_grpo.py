@@ -20,19 +20,16 @@ init_adapter), `image_task`, `rewards`, `logging`.
 """
 from __future__ import annotations
 
-import time
-from pathlib import Path
-
 import numpy as np
 import torch
 
+from ..policies.batches import ScoredBatch
 from ..policies.flow import gaussian_mean_kl
-from ..rollouts.flow_worker import FlowRolloutWorker, default_tiny_dir, make_flow_policy
-from .algorithms import register_algorithm
-from .config import Config, FlowConfig, save_config
+from .config import FlowConfig
+from .grpo import GRPOTrainer
+from .registry import register_algorithm
 from .tasks import ImageTask
-from .trainer import (GRPOTrainer, InProcessPool, ScoredBatch, _chunks, _seed_everything, build_rewards, reward_metrics,
-                      run_rl_loop, sample_and_score)
+from .trainer import index_chunks
 
 
 def flow_grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, epsilon: float,
@@ -62,52 +59,25 @@ def trained_transitions(flow: FlowConfig, seed: int, step: int) -> list[int]:
     return sorted(torch.randperm(K, generator=g)[:k].tolist())
 
 
-class FlowGRPOTrainer:
-    """Holds the pieces of a Flow-GRPO run; `train_step` is the one function to read."""
+@register_algorithm("flow_grpo")
+class FlowGRPOTrainer(GRPOTrainer):
+    """GRPO's step (rl/grpo.py) on a flow-matching policy: one image task, the update per transition."""
 
-    def __init__(self, cfg: Config, worker_pool=None):
-        if cfg.image_task is None:
+    policy_section = "flow"
+    default_sections = {"flow": FlowConfig}
+
+    def build_tasks(self) -> list:
+        if self.cfg.image_task is None:
             raise ValueError("algorithm: flow_grpo needs an `image_task` (prompts to generate)")
-        if cfg.rollout.num_generations < 2:
+        if self.cfg.rollout.num_generations < 2:
             raise ValueError("rollout.num_generations must be >= 2: GRPO compares samples of one prompt")
-        self.cfg = cfg
-        self.flow = cfg.flow or FlowConfig()
-        self.run_dir = Path(cfg.output_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        _seed_everything(cfg.seed)
-        self.policy = make_flow_policy(self.flow, cfg.lora, tiny_dir=default_tiny_dir(cfg.output_dir, cfg.seed),
-                                       seed=cfg.seed)
-        self.policy.transformer.train()
-        g = cfg.grpo
-        self.optimizer = torch.optim.AdamW(self.policy.trainable_parameters(), lr=g.learning_rate,
-                                           weight_decay=g.weight_decay, betas=(g.adam_beta1, g.adam_beta2))
-        self.rewards = build_rewards(cfg, self.run_dir)
-        self.task = ImageTask(cfg.image_task, cfg.seed)
-        self.workers = worker_pool or InProcessPool(FlowRolloutWorker(self.policy, self.flow, cfg.seed,
-                                                                      shares_learner_policy=True))
-        self.step = 0
-        self.invalid_streak = 0
+        return [ImageTask.from_config(self.cfg.image_task, self.cfg.seed)]
 
-    # ------------------------------------------------------------------ one step
-    def train_step(self) -> tuple[dict, list[ScoredBatch]]:
-        cfg, step = self.cfg, self.step + 1
-        request = self.task.request(step, cfg.rollout.num_generations)
-        (sb,), times = sample_and_score(cfg, self.workers, self.rewards, self.policy, [request], step)
-        t2 = time.perf_counter()
-        update_metrics = self.update(sb, step)
-        t3 = time.perf_counter()
-        self.policy.version += 1
-        self.workers.sync(self.policy, self.policy.version)
-        self.step = step
-        metrics = {**reward_metrics([sb], self.rewards), **update_metrics, **times, "time/update": t3 - t2,
-                   "adapter/version": self.policy.version, **self.workers.metrics()}
-        self.check_invalid(metrics)
-        return metrics, [sb]
-
-    def update(self, sb: ScoredBatch, step: int) -> dict:
+    def update(self, scored: list[ScoredBatch]) -> dict:
         """num_iterations passes over the valid samples; each optimizer step accumulates the gradients
         of `gradient_accumulation_steps` micro-batches over every trained transition (Flow-GRPO)."""
-        g, f, policy = self.cfg.grpo, self.flow, self.policy
+        (sb,), step = scored, self.step + 1
+        g, f, policy = self.opt, self.cfg.flow, self.policy
         batch = sb.batch
         transitions = trained_transitions(f, self.cfg.seed, step)
         rows = sb.valid.nonzero().flatten().tolist()
@@ -116,7 +86,7 @@ class FlowGRPOTrainer:
         if not rows:
             return {"loss": 0.0, "update/skipped": 1}
         for it in range(g.num_iterations):
-            micro = [[rows[i] for i in chunk] for chunk in _chunks(len(rows), g.per_device_train_batch_size)]
+            micro = [[rows[i] for i in chunk] for chunk in index_chunks(len(rows), g.per_device_train_batch_size)]
             for start in range(0, len(micro), g.gradient_accumulation_steps):
                 group = micro[start:start + g.gradient_accumulation_steps]
                 n_rows = sum(len(m) for m in group)
@@ -146,47 +116,11 @@ class FlowGRPOTrainer:
                         stats["approx_kl"].append(0.5 * ((logp.detach() - old) ** 2).mean().item())
                         if kl is not None:
                             stats["kl"].append(kl.detach().mean().item())
-                params = policy.trainable_parameters()
-                norm = torch.nn.utils.clip_grad_norm_(params, g.max_grad_norm if g.max_grad_norm > 0 else float("inf"))
-                stats["grad_norm"].append(norm.item())
+                stats["grad_norm"].append(self.optimizer_step())
                 stats["loss"].append(step_loss)
-                self.optimizer.step()
         mean = lambda xs: float(np.mean(xs)) if xs else 0.0  # noqa: E731
         return {"loss": mean(stats["loss"]), "kl": mean(stats["kl"]), "clip_fraction": mean(stats["clip_fraction"]),
                 "approx_kl": mean(stats["approx_kl"]), "grad_norm": mean(stats["grad_norm"]),
                 "ratio/first_step_max_abs_dev": stats["ratio_dev_first"] or 0.0,
                 "logprob/sampler_vs_learner_max_abs_diff": max(stats["sampler_diff"] or [0.0]),
                 "flow/trained_transitions": len(transitions)}
-
-    check_invalid = GRPOTrainer.check_invalid  # same invalid-reward abort rule as the Janus loop
-    eval_grid_path = GRPOTrainer.eval_grid_path
-
-    def evaluate(self) -> dict:
-        """eval/reward/* of every prompt, fixed seeds (grpo.eval_steps; `rl.evaluate`)."""
-        from .evaluate import eval_requests, evaluate_samples
-        worker = FlowRolloutWorker(self.policy, self.flow, self.cfg.seed, shares_learner_policy=True)
-        return evaluate_samples(worker, eval_requests([self.task], self.cfg.grpo.eval_samples_per_prompt),
-                                self.rewards, self.policy, self.step, self.eval_grid_path())
-
-    # ------------------------------------------------------------------ checkpoints
-    save = GRPOTrainer.save  # adapter, optimizer, version, RNG, step, invalid-reward streak
-    resume = GRPOTrainer.resume
-
-
-def make_flow_worker_pool(cfg: Config):
-    """Ray actors sampling the flow policy when rollout.num_workers > 0, else None (in-process)."""
-    if cfg.rollout.num_workers > 0:
-        from ..rollouts.ray_pool import RayWorkerPool
-        return RayWorkerPool(cfg)
-    return None
-
-
-@register_algorithm("flow_grpo")
-def train_flow_grpo(cfg: Config, resume: bool = False) -> dict:
-    run_dir = Path(cfg.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.flow is None:
-        cfg.flow = FlowConfig()
-    save_config(cfg, run_dir / "config.yaml")
-    return run_rl_loop(cfg, FlowGRPOTrainer(cfg, worker_pool=make_flow_worker_pool(cfg)), resume,
-                       desc="flow_grpo")

@@ -18,16 +18,19 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
-from .algorithms import register_algorithm
-from .checkpoint import resume_trainer, save_trainer
-from .dpo import (DPOOutput, _chunks, build_eval_tasks, clip_and_step, dpo_losses, loss_kwargs, make_optimizer,
-                  evaluate_tasks, pair_logps, reference_pair_logps, run_loop,
-                  seed_everything, summarize_outputs)
-from .preference_data import GenerationPair, UnderstandingPair
+from ..policies.batches import GenerationPair, ScoredBatch, UnderstandingPair
+from ..rewards.base import RewardContext
+from ..rewards.parsing import PAIRWISE_MODES
+from ..rollouts.pipeline import make_pool, sample_and_score
+from .dpo import PreferenceTrainer, loss_kwargs
+from .losses import DPOOutput, dpo_losses, summarize_outputs
+from .pair_logps import pair_logps, reference_pair_logps
+from .registry import register_algorithm
+from .tasks import build_tasks
+from .trainer import StepResult, index_chunks, reward_metrics
 
 
 # ----------------------------------------------------------------------------- ranking
@@ -102,13 +105,12 @@ def select_pairs(group_ids: torch.Tensor, valid: torch.Tensor, pointwise: torch.
     return sel
 
 
-def ranking_scores(mix, rewards) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Split a MixtureOutput into (pointwise total, pairwise total) by the kind of each component."""
-    from ..rewards.parsing import PAIRWISE_MODES
-
+def ranking_scores(components: dict, rewards) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Split the component outputs of a mixture into (pointwise total, pairwise total) by the kind of
+    each component (a pairwise judge scores win rates inside the prompt's group)."""
     point, pair = None, None
     for spec in rewards.specs:
-        out = mix.components.get(spec.name)
+        out = components.get(spec.name)
         if out is None:
             continue
         part = spec.weight * torch.where(out.valid, out.scores.float(), torch.zeros(()))
@@ -119,14 +121,18 @@ def ranking_scores(mix, rewards) -> tuple[torch.Tensor | None, torch.Tensor | No
     return point, pair
 
 
+def select_pairs_of(sb: ScoredBatch, rewards, margin: float, per_prompt: int = 1) -> Selection:
+    """The pairs of a scored batch (see `select_pairs`), ranked by the mixture's pointwise and pairwise parts."""
+    point, pair = ranking_scores(sb.components, rewards)
+    return select_pairs(sb.batch.group_ids, sb.valid, point, margin, pair, per_prompt)
+
+
 def sample_rank_select(worker, rewards, request, margin: float, policy, step: int, per_prompt: int = 1):
     """Sample a request's candidates, score them, select pairs: (batch, mixture output, Selection)."""
-    from ..rewards.base import RewardContext
-
     batch = worker.generate(request)
     mix = rewards(batch, RewardContext(policy=policy, step=step))
-    point, pair = ranking_scores(mix, rewards)
-    return batch, mix, select_pairs(batch.group_ids, mix.valid, point, margin, pair, per_prompt)
+    sel = select_pairs_of(ScoredBatch(batch, mix.total, mix.valid, mix.components), rewards, margin, per_prompt)
+    return batch, mix, sel
 
 
 def pairs_from_rollout(batch, sel: Selection):
@@ -143,112 +149,65 @@ def pairs_from_rollout(batch, sel: Selection):
 
 
 # ----------------------------------------------------------------------------- the trainer
-class OnlineDPOTrainer:
-    def __init__(self, cfg):
-        from ..rollouts.worker import RolloutWorker, make_policy
-        from .tasks import build_tasks
-        from .trainer import build_rewards
+@register_algorithm("online_dpo")
+class OnlineDPOTrainer(PreferenceTrainer):
+    """Each round: sample -> score -> select pairs -> `dpo.online_updates` DPO steps on them."""
 
-        self.cfg, self.d = cfg, cfg.dpo
-        self.run_dir = Path(cfg.output_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        seed_everything(cfg.seed)
-        tiny_dir = self.run_dir.parent / ".tiny_models" / f"janus_seed{cfg.seed}"
-        self.policy = make_policy(cfg.model, cfg.lora, tiny_dir=tiny_dir)
-        self.policy.model.train()
-        self.optimizer = make_optimizer(self.policy, self.d)
-        self.rewards = build_rewards(cfg, self.run_dir)
-        self.tasks = build_tasks(cfg, self.policy.image_size)
-        self.eval_tasks = build_eval_tasks(cfg, self.policy)
-        self.worker = RolloutWorker(self.policy, cfg.rollout, cfg.seed, shares_learner_policy=True)
+    def setup(self, worker_pool=None):
+        if self.rewards is None:
+            raise ValueError("online_dpo ranks candidates with the reward mixture: configure `rewards`")
+        if self.cfg.rollout.num_generations < 2:
+            raise ValueError("online_dpo needs rollout.num_generations >= 2 candidates per prompt")
+        self.tasks = self.eval_tasks = build_tasks(self.cfg, self.policy.image_size)
+        self.workers = worker_pool or make_pool(self.policy, self.spec, self.sampling, self.cfg.rollout,
+                                                self.cfg.seed, self.cfg.ray)
         # Train the distribution the candidates were drawn from (as GRPO does): with CFG sampling a
         # conditional-only update is largely cancelled by the unconditional branch sharing the adapter.
-        self.mode, self.cfg_scale = cfg.rollout.logprob_mode, cfg.rollout.cfg_scale
-        self.step = 0
+        self.mode, self.cfg_scale = self.cfg.rollout.logprob_mode, self.cfg.rollout.cfg_scale
 
-    def train_step(self) -> dict:
-        d, step = self.d, self.step + 1
+    def train_step(self) -> StepResult:
+        d, step = self.opt, self.step + 1
         t0 = time.perf_counter()
-        m, pairs = {}, []
-        for task in self.tasks:
-            req = task.request(step, self.cfg.rollout.num_generations)
-            batch, mix, sel = sample_rank_select(self.worker, self.rewards, req, d.online_margin, self.policy, step,
-                                                 d.online_pairs_per_prompt)
-            kind = batch.kind
-            for name, out in mix.components.items():
-                m[f"reward/{name}/mean"] = out.scores[out.valid].mean().item() if out.valid.any() else float("nan")
-            m[f"reward/{kind}/mean"] = mix.total[mix.valid].mean().item() if mix.valid.any() else float("nan")
+        requests = [task.request(step, self.cfg.rollout.num_generations) for task in self.tasks]
+        scored, _ = sample_and_score(self.workers, self.rewards, self.policy, requests, step)
+        m, pairs = reward_metrics(scored, self.rewards), []
+        for sb in scored:
+            sel = select_pairs_of(sb, self.rewards, d.online_margin, d.online_pairs_per_prompt)
+            kind = sb.batch.kind
             m[f"online/{kind}/pairs"] = len(sel)
             m[f"online/{kind}/dropped_unseparated"] = sel.dropped_unseparated
             m[f"online/{kind}/dropped_invalid"] = sel.dropped_invalid
             if len(sel):
                 gaps = [a - b for a, b in zip(sel.chosen_scores, sel.rejected_scores)]
                 m[f"online/{kind}/score_gap"] = sum(gaps) / len(gaps)
-                pairs.append(pairs_from_rollout(batch, sel))
+                pairs.append(pairs_from_rollout(sb.batch, sel))
         t1 = time.perf_counter()
         m["online/pairs"] = sum(len(p) for p in pairs)
         if pairs:
-            refs = [PairRef(p, reference_pair_logps(self.policy, p, self.mode, self.cfg_scale)) for p in pairs]
+            refs = [(p, reference_pair_logps(self.policy, p, self.mode, self.cfg_scale)) for p in pairs]
             for _ in range(d.online_updates):
                 m.update(self.update(refs))
-        self.policy.version += 1
+        self.new_version()
         self.step = step
         m.update({"time/rollout": t1 - t0, "time/update": time.perf_counter() - t1,
                   "adapter/version": self.policy.version})
-        return m
+        return StepResult(m, scored)
 
-    def update(self, refs: list["PairRef"]) -> dict:
+    def update(self, refs: list) -> dict:
         """One optimizer step over all pairs of the round (micro-batched, each pair weighing the same)."""
-        d = self.d
-        total = sum(len(r.pair) for r in refs)
+        d = self.opt
+        total = sum(len(p) for p, _ in refs)
         self.optimizer.zero_grad(set_to_none=True)
         outs: list[tuple[str, DPOOutput]] = []
-        for r in refs:
-            for idx in _chunks(len(r.pair), d.per_device_train_batch_size):
-                pair = r.pair.select(idx)
-                out = dpo_losses(pair_logps(self.policy, pair, self.mode, self.cfg_scale), r.ref.select(idx),
+        for pair_batch, ref in refs:
+            for idx in index_chunks(len(pair_batch), d.per_device_train_batch_size):
+                pair = pair_batch.select(idx)
+                out = dpo_losses(pair_logps(self.policy, pair, self.mode, self.cfg_scale), ref.select(idx),
                                  **loss_kwargs(d))
                 (out.losses.sum() / total).backward()
-                outs.append((r.pair.kind, out))
-        norm = clip_and_step(self.policy, self.optimizer, d.max_grad_norm)
-        return {**summarize_outputs(outs, "dpo"), "grad_norm": norm}
-
-    @torch.no_grad()
-    def evaluate(self) -> dict:
-        was_training = self.policy.model.training
-        self.policy.model.eval()
-        try:
-            return evaluate_tasks(self.cfg, self.policy, self.eval_tasks, self.rewards, self.run_dir, self.step)
-        finally:
-            self.policy.model.train(was_training)
-
-    def save(self):
-        return save_trainer(self)
-
-    def resume(self) -> bool:
-        return resume_trainer(self) is not None
+                outs.append((pair_batch.kind, out))
+        return {**summarize_outputs(outs, "dpo"), "grad_norm": self.optimizer_step()}
 
 
-@dataclass
-class PairRef:
-    pair: object  # GenerationPair | UnderstandingPair
-    ref: object  # PairLogps of the reference model
-
-
-@register_algorithm("online_dpo")
-def train_online_dpo(cfg, resume: bool = False) -> dict:
-    """`algorithm: online_dpo`: sample -> rank -> select -> DPO, every round on fresh pairs."""
-    if cfg.dpo is None:
-        from .config import DPOConfig
-        cfg.dpo = DPOConfig()
-    if not cfg.rewards:
-        raise ValueError("online_dpo ranks candidates with the reward mixture: configure `rewards`")
-    if cfg.rollout.num_generations < 2:
-        raise ValueError("online_dpo needs rollout.num_generations >= 2 candidates per prompt")
-    trainer = OnlineDPOTrainer(cfg)
-    trainer.resume_requested = resume
-    return run_loop(trainer, cfg, cfg.dpo.max_steps, "online_dpo")
-
-
-__all__ = ["Selection", "select_pairs", "ranking_scores", "sample_rank_select", "pairs_from_rollout",
-           "OnlineDPOTrainer", "train_online_dpo"]
+__all__ = ["Selection", "select_pairs", "select_pairs_of", "ranking_scores", "sample_rank_select",
+           "pairs_from_rollout", "OnlineDPOTrainer"]

@@ -17,7 +17,16 @@ from pathlib import Path
 
 import torch
 
-from .preference_data import GENERATION, UNDERSTANDING, PairToWrite, write_preference_jsonl
+from ..policies.batches import GENERATION, UNDERSTANDING
+from ..policies.registry import build_policy
+from ..rewards.base import build_mixture
+from ..rewards.builtin import named_color
+from ..rollouts.worker import RolloutRequest, RolloutWorker
+from .online_dpo import sample_rank_select
+from .config import ConfigError, load_config
+from .preference_data import PairToWrite, write_preference_jsonl
+from .tasks import build_tasks
+from .trainer import policy_spec, sampling_settings
 
 
 def _jsonable(v):
@@ -62,11 +71,6 @@ def _record_meta(batch, mix, sel, k: int, model_id: str, seed: int) -> dict:
 def build_pairs(cfg, out_dir: str | Path, max_prompts: int | None = None, prompts_per_batch: int = 16,
                 policy=None) -> dict:
     """Sample-rank-select over all task prompts once; write the dataset; return the summary."""
-    from ..rollouts.worker import RolloutRequest, RolloutWorker, make_policy
-    from .online_dpo import sample_rank_select
-    from .tasks import build_tasks
-    from .trainer import build_rewards
-
     if not cfg.rewards:
         raise ValueError("uniloop pairs ranks samples with the reward mixture: configure `rewards`")
     if cfg.rollout.num_generations < 2:
@@ -74,11 +78,10 @@ def build_pairs(cfg, out_dir: str | Path, max_prompts: int | None = None, prompt
     margin = cfg.dpo.online_margin if cfg.dpo is not None else 0.0
     out_dir = Path(out_dir)
     if policy is None:
-        tiny_dir = Path(cfg.output_dir).parent / ".tiny_models" / f"janus_seed{cfg.seed}"
-        policy = make_policy(cfg.model, cfg.lora, tiny_dir=tiny_dir)
+        policy = build_policy(policy_spec(cfg))
     policy.model.eval()
-    rewards = build_rewards(cfg, out_dir)
-    worker = RolloutWorker(policy, cfg.rollout, cfg.seed, shares_learner_policy=True)
+    rewards = build_mixture(cfg.rewards, cfg.reward_combine)
+    worker = RolloutWorker(policy, sampling_settings(cfg), cfg.seed, shares_learner_policy=True)
     model_id = cfg.model.name_or_path
     written: list[PairToWrite] = []
     summary = {"prompts": 0, "pairs": 0, "dropped_unseparated": 0, "dropped_invalid": 0,
@@ -129,7 +132,6 @@ def _drop_empty_answers(pairs: list[PairToWrite], summary: dict):
 
 
 def _color(prompt: str) -> str:
-    from ..rewards.builtin import named_color
     return named_color(prompt) or ""
 
 
@@ -145,7 +147,6 @@ def main(argv=None) -> int:
     p.add_argument("--max-prompts", type=int, default=None, help="use only the first N prompts of each task")
     p.add_argument("--prompts-per-batch", type=int, default=16, help="prompts sampled together")
     args = p.parse_args(argv)
-    from .config import ConfigError, load_config
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:

@@ -20,22 +20,20 @@ bad records are dropped instead and counted (`PreferenceRecords.skipped`).
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
+import random
 import tempfile
 import warnings
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..policies.batches import _Batch
+from ..policies.batches import GENERATION, UNDERSTANDING
 
-GENERATION = "generation"
-UNDERSTANDING = "understanding"
 JSONL_NAME = "pairs.jsonl"  # the file `uniloop pairs` writes inside its output directory
 
 
@@ -87,43 +85,6 @@ class PreferenceRecords:
         self.understanding += other.understanding
         self.skipped += other.skipped
         self.problems += other.problems
-
-
-# ----------------------------------------------------------------------------- typed batches
-class _PairBatch(_Batch):
-    """Row selection and concatenation (policies.batches) for pair batches: every list/tensor field is
-    per pair."""
-
-    def __len__(self) -> int:
-        return len(getattr(self, fields(self)[0].name))
-
-
-@dataclass
-class GenerationPair(_PairBatch):
-    """Generation pairs as the policy sees them: prompts and the two images as VQ token ids."""
-
-    prompts: list[str]
-    chosen_tokens: torch.Tensor  # (B, T) long
-    rejected_tokens: torch.Tensor  # (B, T) long
-    meta: list[dict]
-
-    kind = GENERATION
-
-
-@dataclass
-class UnderstandingPair(_PairBatch):
-    """Understanding pairs: the image asked about, the question, and the two answers."""
-
-    questions: list[str]
-    images: torch.Tensor  # (B, H, W, 3) float in [0, 1] at the understanding resolution
-    chosen: list[str]
-    rejected: list[str]
-    meta: list[dict]
-    # Exact answer token ids (as sampled, online DPO); None = tokenise the answer texts.
-    chosen_ids: list[list[int]] | None = None
-    rejected_ids: list[list[int]] | None = None
-
-    kind = UNDERSTANDING
 
 
 # ----------------------------------------------------------------------------- reading + validation
@@ -387,165 +348,6 @@ def load_image_tensor(value, size: int | None, where: str, name: str) -> torch.T
     return pil_to_tensor(open_image(value, None, where, name), size)
 
 
-def vq_image_size(policy) -> int:
-    """Pixel size the policy's VQ model encodes/decodes (384 for Janus-Pro, 8 for the tiny model)."""
-    vq = policy.janus.config.vq_config
-    return int(vq.num_patches * 2 ** (len(vq.channel_multiplier) - 1))
-
-
-def vq_codebook_size(policy) -> int:
-    return int(policy.janus.config.vq_config.num_embeddings)
-
-
-def vq_model_key(policy) -> str:
-    """Identifies the VQ tokenizer: same key -> same tokens for the same image bytes."""
-    vq = policy.janus.model.vqmodel
-    h = hashlib.sha256()
-    h.update(str(getattr(policy.janus.config, "_name_or_path", "")).encode())
-    h.update(json.dumps(policy.janus.config.vq_config.to_dict(), sort_keys=True, default=str).encode())
-    # The weights themselves, cheaply: the codebook and the encoder's first and last convolutions.
-    for t in (vq.quantize.embedding.weight, vq.quant_conv.weight, next(vq.encoder.parameters())):
-        h.update(t.detach().float().cpu().numpy().tobytes())
-    return h.hexdigest()[:20]
-
-
-def image_content_key(value) -> str:
-    """sha256 of an image's bytes (file content, or the decoded pixels of an in-memory image)."""
-    h = hashlib.sha256()
-    if isinstance(value, DatasetImage):
-        value = value.fetch()
-    if _is_pil(value):
-        h.update(f"{value.mode}{value.size}".encode())
-        h.update(value.tobytes())
-    elif isinstance(value, dict) and value.get("bytes"):
-        h.update(value["bytes"])
-    else:
-        p = Path(value["path"] if isinstance(value, dict) else value)
-        with open(p, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
-
-
-class VQTokenCache:
-    """image content hash -> VQ token ids, one safetensors file per VQ model (keyed by `vq_model_key`).
-
-    Encoding 100k images through a 384-px VQ encoder takes a while; a second run (or a resumed
-    one) over the same files re-uses the ids. Written atomically, so a killed run never leaves a
-    corrupt cache behind.
-    """
-
-    def __init__(self, cache_dir: str | os.PathLike | None, model_key: str):
-        self.path = Path(cache_dir) / f"vq_tokens_{model_key}.safetensors" if cache_dir else None
-        self.entries: dict[str, torch.Tensor] = {}
-        self.dirty = False
-        self.hits = 0
-        if self.path is not None and self.path.exists():
-            from safetensors.torch import load_file
-            try:
-                self.entries = dict(load_file(str(self.path)))
-            except Exception as e:  # a cache is disposable: rebuild it rather than fail the run
-                warnings.warn(f"ignoring unreadable VQ token cache {self.path}: {e}", stacklevel=2)
-
-    def get(self, key: str) -> torch.Tensor | None:
-        t = self.entries.get(key)
-        if t is not None:
-            self.hits += 1
-        return t
-
-    def put(self, key: str, tokens: torch.Tensor):
-        self.entries[key] = tokens.to(torch.int32).contiguous()
-        self.dirty = True
-
-    def save(self):
-        if self.path is None or not self.dirty:
-            return
-        from safetensors.torch import save_file
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".vq_tokens_", suffix=".tmp")
-        os.close(fd)
-        save_file(self.entries, tmp)
-        os.replace(tmp, self.path)
-        self.dirty = False
-
-
-def encode_generation_records(policy, records: list[GenerationRecord], cache_dir=None, batch_size: int = 32,
-                              use_record_tokens: bool = True) -> GenerationPair:
-    """Turn generation records into a GenerationPair of VQ token ids with the policy's own VQ encoder.
-
-    Images are centre-cropped and resized to the VQ resolution; ids already in the record
-    (`chosen_tokens`, as `uniloop pairs` writes them) are used as they are when
-    `use_record_tokens` and they fit this policy (length and codebook size).
-    """
-    T, V, size = policy.num_image_tokens, vq_codebook_size(policy), vq_image_size(policy)
-    cache = VQTokenCache(cache_dir, vq_model_key(policy))
-    out = {"chosen": [None] * len(records), "rejected": [None] * len(records)}
-    todo: list[tuple[str, int, str]] = []  # (side, record index, content key)
-    for i, r in enumerate(records):
-        for side in ("chosen", "rejected"):
-            given = getattr(r, f"{side}_tokens")
-            if given is not None and use_record_tokens:
-                if len(given) != T or min(given) < 0 or max(given) >= V:
-                    raise PreferenceDataError(
-                        f"{r.where}: field '{side}_tokens' has {len(given)} ids in [{min(given)}, {max(given)}]; "
-                        f"this policy needs {T} ids in [0, {V})")
-                out[side][i] = torch.tensor(given, dtype=torch.long)
-                continue
-            key = image_content_key(getattr(r, side))
-            hit = cache.get(key)
-            if hit is not None:
-                out[side][i] = hit.long()
-            else:
-                todo.append((side, i, key))
-    for start in range(0, len(todo), batch_size):
-        chunk = todo[start:start + batch_size]
-        imgs = torch.stack([load_image_tensor(getattr(records[i], side), size, records[i].where, side)
-                            for side, i, _ in chunk])
-        toks = policy.encode_images(imgs).cpu().long()
-        for (side, i, key), t in zip(chunk, toks):
-            out[side][i] = t
-            cache.put(key, t)
-    cache.save()
-    empty = torch.zeros(0, T, dtype=torch.long)
-    return GenerationPair(
-        prompts=[r.prompt for r in records],
-        chosen_tokens=torch.stack(out["chosen"]) if records else empty,
-        rejected_tokens=torch.stack(out["rejected"]) if records else empty,
-        meta=[dict(r.meta) for r in records])
-
-
-def understanding_batch(records: list[UnderstandingRecord], image_size: int) -> UnderstandingPair:
-    """Load the images of understanding records (at the policy's understanding resolution)."""
-    imgs = [load_image_tensor(r.image, image_size, r.where, "image") for r in records]
-    return UnderstandingPair(
-        questions=[r.question for r in records],
-        images=torch.stack(imgs) if imgs else torch.zeros(0, image_size, image_size, 3),
-        chosen=[r.chosen for r in records], rejected=[r.rejected for r in records],
-        meta=[dict(r.meta) for r in records])
-
-
-@dataclass
-class PreferenceSet:
-    """Training-ready pairs: generation pairs tokenised, understanding pairs with images loaded."""
-
-    generation: GenerationPair
-    understanding: UnderstandingPair
-    skipped: int = 0
-
-    def __len__(self) -> int:
-        return len(self.generation) + len(self.understanding)
-
-
-def build_preference_set(policy, records: PreferenceRecords, cache_dir=None,
-                         use_record_tokens: bool = True) -> PreferenceSet:
-    return PreferenceSet(
-        generation=encode_generation_records(policy, records.generation, cache_dir,
-                                             use_record_tokens=use_record_tokens),
-        understanding=understanding_batch(records.understanding, policy.image_size),
-        skipped=records.skipped)
-
-
-# ----------------------------------------------------------------------------- writing
 def _save_png(img: torch.Tensor, path: Path):
     from PIL import Image
     arr = (img.float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
@@ -599,3 +401,32 @@ def write_preference_jsonl(pairs: list[PairToWrite], out_dir: str | os.PathLike)
         f.write("".join(ln + "\n" for ln in lines))
     os.replace(tmp, out / JSONL_NAME)
     return out / JSONL_NAME
+
+
+# ----------------------------------------------------------------------------- train / held-out split
+def read_train_eval(pd, train_src: list[str], eval_src: list[str], seed: int):
+    """Training and held-out records from the configured sources (a held-out fraction of the training
+    records when no eval source is given)."""
+    train = PreferenceRecords(source=",".join(train_src))
+    for src in train_src:
+        train.extend(read_preference_records(src, split=pd.split, skip_invalid=pd.skip_invalid))
+    held = PreferenceRecords(source=",".join(eval_src))
+    for src in eval_src:
+        held.extend(read_preference_records(src, split=pd.eval_split, skip_invalid=pd.skip_invalid))
+    if not eval_src and pd.eval_fraction > 0:
+        train, held = split_records(train, pd.eval_fraction, seed)
+    return train, held
+
+
+def split_records(records: PreferenceRecords, fraction: float, seed: int):
+    """Hold out `fraction` of each kind, chosen by a seeded shuffle."""
+    rng = random.Random(seed)
+    train = PreferenceRecords(source=records.source, skipped=records.skipped, problems=records.problems)
+    held = PreferenceRecords(source=records.source + " (held out)")
+    for name in ("generation", "understanding"):
+        items = getattr(records, name)[:]
+        rng.shuffle(items)
+        n = int(round(fraction * len(items))) if len(items) > 1 else 0
+        setattr(held, name, items[:n])
+        setattr(train, name, items[n:])
+    return train, held

@@ -27,6 +27,14 @@ def prepare_run_dir(output_dir: str | Path, resume: bool) -> Path | None:
     return dest
 
 
+def read_metrics(path: str | Path) -> list[dict]:
+    """The rows of a run's metrics.jsonl (empty when it does not exist)."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+
+
 class RunLogger:
     def __init__(self, output_dir: str | Path, tensorboard: bool = True):
         self.dir = Path(output_dir)

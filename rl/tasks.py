@@ -41,13 +41,20 @@ def read_prompts(path: str) -> list[str]:
 
 
 class ImageTask:
+    """prompt -> image: each step draws `prompts_per_step` of the prompts (seeded by (seed, step))."""
+
     kind = "image"
 
-    def __init__(self, cfg, seed: int):
-        self.prompts = list(cfg.prompts) + (read_prompts(cfg.prompts_file) if cfg.prompts_file else [])
-        if not self.prompts:
+    def __init__(self, prompts: list[str], prompts_per_step: int, seed: int):
+        if not prompts:
             raise ValueError("image_task needs `prompts` or `prompts_file`")
-        self.per_step, self.seed = cfg.prompts_per_step, seed
+        self.prompts, self.per_step, self.seed = list(prompts), prompts_per_step, seed
+
+    @classmethod
+    def from_config(cls, cfg, seed: int) -> "ImageTask":
+        """From an `image_task` section: its prompts, then those of its prompts_file."""
+        prompts = list(cfg.prompts) + (read_prompts(cfg.prompts_file) if cfg.prompts_file else [])
+        return cls(prompts, cfg.prompts_per_step, seed)
 
     def request(self, step: int, num_generations: int) -> RolloutRequest:
         idx = torch.randint(len(self.prompts), (self.per_step,), generator=_step_generator(self.seed, step, 1))
@@ -115,7 +122,7 @@ def read_qa_file(path: str, image_size: int):
 def build_tasks(cfg, image_size: int) -> list:
     tasks = []
     if cfg.image_task is not None:
-        tasks.append(ImageTask(cfg.image_task, cfg.seed))
+        tasks.append(ImageTask.from_config(cfg.image_task, cfg.seed))
     if cfg.text_task is not None:
         tasks.append(TextTask(cfg.text_task, cfg.seed, image_size))
     if not tasks:

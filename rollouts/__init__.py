@@ -1,4 +1,4 @@
-"""Rollout workers (in-process here; Ray actors wrap the same class)."""
-from .worker import RolloutRequest, RolloutWorker, make_policy, sample_seed
+"""Rollouts: workers that sample from a policy, the sample -> score pipeline, Ray pools, rollout jobs."""
+from .worker import RolloutRequest, RolloutWorker, Sampling, sample_seed
 
-__all__ = ["RolloutRequest", "RolloutWorker", "make_policy", "sample_seed"]
+__all__ = ["RolloutRequest", "RolloutWorker", "Sampling", "sample_seed"]

@@ -1,4 +1,4 @@
-"""`uniloop rollout CONFIG [--set ...]`: sample and score a prompt file into resumable shards.
+"""Rollout jobs (`uniloop rollout CONFIG`, rl/jobs.py): sample and score a prompt file into resumable shards.
 
 A rollout job reads prompts (JSONL, text, or a `datasets` directory), draws `job.samples_per_prompt`
 samples per prompt from the base model or a checkpoint's adapter, scores them with the configured
@@ -16,21 +16,19 @@ the sampling runs on Ray actors (`rollouts/ray_pool.py`), which may span several
 """
 from __future__ import annotations
 
-import argparse
-import hashlib
 import html
 import json
-import math
 import os
 import shutil
-import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .worker import RolloutRequest, RolloutWorker, make_policy, sample_seed
+from ..policies.registry import PolicySpec, build_policy, resolve_checkpoint
+from ..rewards.base import RewardContext, RewardMixture
+from .worker import RolloutRequest, RolloutWorker, Sampling, sample_seed
 
 JOB_STEP = 0  # the `step` of every job sample's seed; training steps start at 1
 
@@ -129,36 +127,7 @@ def _load_question_image(item: JobItem, size: int) -> torch.Tensor:
     return torch.from_numpy(np.asarray(im).copy()).float() / 255
 
 
-# ----------------------------------------------------------------------------- adapter / manifest
-def resolve_adapter(path: str | None) -> str | None:
-    """A PEFT adapter dir, a checkpoint dir (with adapter/), or a run dir (its latest checkpoint)."""
-    if not path:
-        return None
-    from ..rl.checkpoint import latest_checkpoint
-    p = Path(path)
-    if (p / "adapter_config.json").exists():
-        return str(p.absolute())
-    if (p / "adapter" / "adapter_config.json").exists():
-        return str((p / "adapter").absolute())
-    ckpt = latest_checkpoint(p) if p.is_dir() else None
-    if ckpt is not None and (ckpt / "adapter" / "adapter_config.json").exists():
-        return str((ckpt / "adapter").absolute())
-    raise FileNotFoundError(f"job.adapter: no PEFT adapter at {path} (expected adapter_config.json, a checkpoint "
-                            f"with adapter/, or a run directory with checkpoints/)")
-
-
-def _manifest(cfg, items: list[JobItem], adapter: str | None) -> dict:
-    h = hashlib.sha256()
-    for it in items:
-        h.update(json.dumps([it.index, it.kind, it.prompt, it.target, it.image_ref]).encode())
-    r = cfg.rollout
-    return {"prompts": str(Path(cfg.job.prompts).absolute()), "num_prompts": len(items),
-            "prompts_sha256": h.hexdigest(),
-            "samples_per_prompt": cfg.job.samples_per_prompt, "seed": cfg.seed, "model": cfg.model.name_or_path,
-            "adapter": adapter, "cfg_scale": r.cfg_scale, "temperature": r.temperature, "top_k": r.top_k,
-            "max_new_tokens": r.max_new_tokens}
-
-
+# ----------------------------------------------------------------------------- manifest
 def _check_manifest(out: Path, manifest: dict):
     path = out / "job.json"
     if path.exists():
@@ -196,9 +165,9 @@ def _clean_partial(out: Path, done_shards: set[str]):
 
 # ----------------------------------------------------------------------------- sampling backends
 class _InProcess:
-    def __init__(self, cfg, lora_cfg):
-        self.policy = make_policy(cfg.model, lora_cfg)
-        self.worker = RolloutWorker(self.policy, cfg.rollout, cfg.seed)
+    def __init__(self, policy, sampling: Sampling, seed: int):
+        self.policy = policy
+        self.worker = RolloutWorker(policy, sampling, seed)
 
     def image_size(self) -> int:
         return self.policy.image_size
@@ -219,11 +188,11 @@ class _InProcess:
 
 
 class _OnRay:
-    def __init__(self, cfg, lora_cfg):
+    def __init__(self, spec: PolicySpec, sampling: Sampling, settings, seed: int, ray_cfg):
         import ray
 
-        from .ray_pool import RayWorkerPool
-        self.pool = RayWorkerPool(cfg, use_lora=lora_cfg is not None)
+        from .ray_pool import RayWorkerPool  # Ray is imported only by jobs that use it
+        self.pool = RayWorkerPool(spec, sampling, settings, seed, ray_cfg)
         self._ray = ray
 
     def image_size(self) -> int:
@@ -259,27 +228,23 @@ class _LazyPolicy:
 
 
 # ----------------------------------------------------------------------------- the job
-def run_job(cfg, progress: bool = True, on_shard=None) -> dict:
-    """Run (or resume) the rollout job `cfg.job`; returns the summary also written to summary.json.
+def run_job(job, items: list[JobItem], spec: PolicySpec, sampling: Sampling, settings, rewards: RewardMixture,
+            out: Path, seed: int, manifest: dict, ray_cfg=None, progress: bool = True, on_shard=None) -> dict:
+    """Run (or resume) a rollout job; returns the summary also written to summary.json.
 
-    `on_shard(k, backend)`, if given, is called after shard k of this run is on disk (monitoring, and
-    the fault-injection tests; `backend.pool` is the RayWorkerPool when sampling on Ray)."""
-    from ..rewards.base import RewardContext
-    from ..rl.trainer import build_rewards
-    from .ray_pool import resolve_model_path
-
-    if cfg.job is None:
-        raise ValueError("the config has no `job:` section (see configs/rollout_job.yaml)")
-    job, n = cfg.job, cfg.job.samples_per_prompt
-    out = Path(cfg.output_dir)
+    `job`: the job settings (samples_per_prompt, prompts_per_shard, gallery_size); `items`: its prompts
+    (`load_items`); `spec`: the policy to sample (with the job's adapter as `lora.init_adapter`, if
+    any); `settings`: the Ray pool settings (`rollout` section; num_workers 0 = in-process);
+    `manifest`: everything that changes a record, checked against the one an earlier run of this
+    output directory wrote. `on_shard(k, backend)`, if given, is called after shard k of this run is
+    on disk (monitoring, and the fault-injection tests; `backend.pool` is the RayWorkerPool on Ray)."""
+    n = job.samples_per_prompt
+    adapter = spec.lora.init_adapter if spec.lora is not None else None
+    out = Path(out)
     (out / "shards").mkdir(parents=True, exist_ok=True)
     (out / "images").mkdir(exist_ok=True)
-    items = load_items(job)
-    adapter = resolve_adapter(job.adapter)
-    cfg = replace(cfg, model=replace(cfg.model, name_or_path=resolve_model_path(cfg)),
-                  lora=replace(cfg.lora, init_adapter=adapter))
-    _check_manifest(out, _manifest(cfg, items, adapter))
-    lora_cfg = cfg.lora if adapter else None
+    spec = resolve_checkpoint(spec)  # a tiny model is built once, here, for the driver and the actors
+    _check_manifest(out, manifest)
 
     records = read_records(out)
     done = {r["prompt_index"] for r in records}
@@ -289,12 +254,12 @@ def run_job(cfg, progress: bool = True, on_shard=None) -> dict:
     todo = [it for it in items if it.index not in done]
     chunks = [todo[i:i + job.prompts_per_shard] for i in range(0, len(todo), job.prompts_per_shard)]
 
-    rewards = build_rewards(cfg, out)
-    backend = (_OnRay if cfg.rollout.num_workers > 0 else _InProcess)(cfg, lora_cfg)
-    if isinstance(backend, _InProcess):
-        policy = backend.policy
+    if settings.num_workers > 0:
+        backend = _OnRay(spec, sampling, settings, seed, ray_cfg)
+        policy = _LazyPolicy(lambda: build_policy(spec))
     else:
-        policy = _LazyPolicy(lambda: make_policy(cfg.model, lora_cfg))
+        policy = build_policy(spec)
+        backend = _InProcess(policy, sampling, seed)
     context = RewardContext(policy=policy, step=JOB_STEP)
     size = backend.image_size() if any(it.kind == "text" for it in todo) else 0
 
@@ -324,7 +289,7 @@ def run_job(cfg, progress: bool = True, on_shard=None) -> dict:
             recs = []
             for batch, prov, job_scores in zip(batches, provenance, scoring):
                 mix = rewards.mix(batch, job_scores.result())
-                recs.extend(_records(batch, prov, mix, shard, out, by_index, cfg, adapter))
+                recs.extend(_records(batch, prov, mix, shard, out, by_index, seed, adapter))
             _write_shard(out, shard, recs)
             sampled += len(recs)
             bar.update(len(recs))
@@ -358,7 +323,7 @@ def run_job(cfg, progress: bool = True, on_shard=None) -> dict:
     return summary
 
 
-def _records(batch, prov, mix, shard, out: Path, by_index, cfg, adapter) -> list[dict]:
+def _records(batch, prov, mix, shard, out: Path, by_index, seed: int, adapter) -> list[dict]:
     from PIL import Image
     recs, seen = [], {}
     img_dir = out / "images" / shard
@@ -368,7 +333,7 @@ def _records(batch, prov, mix, shard, out: Path, by_index, cfg, adapter) -> list
         item = by_index[pi]
         rid = f"p{pi:06d}_s{s:03d}"
         rec = {"id": rid, "prompt_index": pi, "sample_index": s, "kind": batch.kind, "prompt": item.prompt,
-               "target": item.target, "seed": sample_seed(cfg.seed, JOB_STEP, batch.kind, pi, s),
+               "target": item.target, "seed": sample_seed(seed, JOB_STEP, batch.kind, pi, s),
                "reward": float(mix.total[i]) if bool(mix.valid[i]) else None, "valid": bool(mix.valid[i]),
                "rewards": {name: (float(o.scores[i]) if bool(o.valid[i]) else None)
                            for name, o in mix.components.items()},
@@ -449,35 +414,3 @@ def _question_image_tag(out: Path, r: dict) -> str:
     if src and Path(src).exists():
         return f"<img src='{html.escape(os.path.relpath(src, out))}'>"
     return ""
-
-
-# ----------------------------------------------------------------------------- CLI
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="uniloop rollout", description=(
-        "Sample + score a prompt file into resumable shards (JSONL + PNG), a summary and a gallery. "
-        "Re-run the same command to resume."))
-    p.add_argument("config", help="YAML recipe with a `job:` section (see configs/rollout_job.yaml)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set job.samples_per_prompt=8 (repeatable)")
-    args = p.parse_args(argv)
-    from ..rl.config import ConfigError, load_config
-    try:
-        cfg = load_config(args.config, args.overrides)
-        if cfg.job is None:
-            raise ConfigError(f"{args.config}: the config has no `job:` section (see configs/rollout_job.yaml)")
-    except (ConfigError, ValueError) as e:
-        print(f"uniloop rollout: {e}", file=sys.stderr)
-        return 2
-    try:
-        summary = run_job(cfg, progress=True)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"uniloop rollout: {e}", file=sys.stderr)
-        return 2
-    print(f"uniloop rollout: {summary['records']} samples of {summary['prompts']} prompts in {cfg.output_dir} "
-          f"({summary['this_run']['samples']} new, {summary['this_run']['samples_per_second']:.2f} samples/s)")
-    for name, s in summary["rewards"].items():
-        mean = "n/a" if s["mean"] is None else f"{s['mean']:.4f}"
-        rng = "" if s["min"] is None or not math.isfinite(s["min"]) else f"  [{s['min']:.3f}, {s['max']:.3f}]"
-        print(f"  {name:24s} mean {mean}  std {s['std']:.4f}{rng}  valid {s['valid']}  invalid {s['invalid']}")
-    print(f"  gallery: {Path(cfg.output_dir) / 'gallery.html'}")
-    return 0

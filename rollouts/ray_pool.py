@@ -25,41 +25,19 @@ import signal
 import time
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import ray
 import torch
 
-from .worker import RolloutRequest, RolloutWorker, concat_rollouts
+from ..policies.batches import concat_rollouts
+from ..policies.registry import PolicySpec, build_policy, resolve_checkpoint
+from ..rewards.actors import init_ray, wait_for_restart
+from .worker import RolloutRequest, RolloutWorker, Sampling
 
 ACTOR_START_TIMEOUT_S = 600  # a pending actor (no free CPU/GPU in the cluster) fails after this
-RESTART_WAIT_S = 300  # how long a dead actor may take to come back before we give up
 
 
-# ----------------------------------------------------------------------------- Ray runtime
-def init_ray(ray_cfg) -> bool:
-    """Start or join Ray as `ray_cfg` says; returns True when this call started a local Ray.
-
-    address null -> a local Ray in this process' session (`ray.init(num_cpus=..., _temp_dir=...)`);
-    `auto` or host:port -> join a running cluster (`ray start --head` + `ray start --address=...`).
-    An already initialised Ray (a test fixture, a notebook) is reused as it is.
-    """
-    if ray.is_initialized():
-        return False
-    address = getattr(ray_cfg, "address", None) if ray_cfg is not None else None
-    if address:
-        ray.init(address=address, log_to_driver=True)  # the cluster's own auth settings apply
-        return False
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local Ray needs no token (Ray >= 2.50)
-    kwargs = {"include_dashboard": False}
-    if ray_cfg is not None and ray_cfg.num_cpus is not None:
-        kwargs["num_cpus"] = ray_cfg.num_cpus
-    if ray_cfg is not None and ray_cfg.temp_dir:
-        kwargs["_temp_dir"] = str(Path(ray_cfg.temp_dir).absolute())
-    ray.init(**kwargs)
-    return True
-
-
+# ----------------------------------------------------------------------------- helpers
 def _quiet_hf():
     # Every actor loads a model: without this each prints transformers' progress bars into the driver log.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -83,19 +61,13 @@ def state_nbytes(state: dict[str, torch.Tensor]) -> int:
 
 # ----------------------------------------------------------------------------- the actor
 class RolloutActor:
-    """Body of the Ray actor: one `RolloutWorker` (Janus) or, given `flow_cfg`, one `FlowRolloutWorker`
-    (flow_grpo), with its own policy copy."""
+    """Body of the Ray actor: one `RolloutWorker` with its own copy of the policy `spec` describes."""
 
-    def __init__(self, model_cfg, lora_cfg, rollout_cfg, seed: int, num_threads: int, flow_cfg=None):
+    def __init__(self, spec: PolicySpec, sampling: Sampling, seed: int, num_threads: int):
         _quiet_hf()
         torch.set_num_threads(max(1, num_threads))
-        if flow_cfg is not None:
-            from .flow_worker import FlowRolloutWorker
-            # flow_cfg.name_or_path is already resolved by the driver (`resolve_flow_path`)
-            self.worker = FlowRolloutWorker.from_config(flow_cfg, lora_cfg, seed)
-        else:
-            self.worker = RolloutWorker.from_config(model_cfg, lora_cfg, rollout_cfg, seed)
-        self.policy = self.worker.policy
+        self.policy = build_policy(spec)
+        self.worker = RolloutWorker(self.policy, sampling, seed)
 
     def ready(self) -> dict:
         return self.info()
@@ -197,29 +169,24 @@ class RayWorkerPool:
     (rollout jobs; `rollout.one_step_off`).
     """
 
-    def __init__(self, cfg, use_lora: bool = True):
-        rc = cfg.rollout
+    def __init__(self, spec: PolicySpec, sampling: Sampling, settings, seed: int, ray_cfg=None):
+        """`spec`: the policy every actor builds (a `tiny` one is built here, once, before the actors
+        start); `settings`: num_workers, num_cpus_per_worker, num_gpus_per_worker, max_restarts,
+        max_staleness, one_step_off (the `rollout` config section); `ray_cfg`: address, num_cpus,
+        temp_dir (the `ray` section) or None."""
+        rc = settings
         if rc.num_workers < 1:
             raise ValueError(f"rollout.num_workers must be >= 1 for a Ray pool, got {rc.num_workers}")
-        self.cfg = cfg
-        self.rc = rc
-        self.started_ray = init_ray(cfg.ray)
+        self.rc, self.ray_cfg = rc, ray_cfg
+        self.started_ray = init_ray(ray_cfg)
         self._check_resources()
         device = "cuda" if rc.num_gpus_per_worker > 0 else "cpu"
-        model_cfg, flow_cfg = None, None
-        if getattr(cfg, "algorithm", None) == "flow_grpo":  # the actors sample the flow policy, not Janus
-            from ..rl.config import FlowConfig
-            flow_cfg = dataclasses.replace(cfg.flow or FlowConfig(), name_or_path=resolve_flow_path(cfg),
-                                           device=device, gradient_checkpointing=False)
-        else:
-            model_cfg = dataclasses.replace(cfg.model, name_or_path=resolve_model_path(cfg), device=device,
-                                            gradient_checkpointing=False)
-        lora_cfg = cfg.lora if use_lora else None
+        spec = dataclasses.replace(resolve_checkpoint(spec), load={**spec.load, "device": device},
+                                   gradient_checkpointing=False)
         actor_cls = ray.remote(RolloutActor)
         handles = [actor_cls.options(num_cpus=rc.num_cpus_per_worker, num_gpus=rc.num_gpus_per_worker,
                                      max_restarts=rc.max_restarts, max_task_retries=0,
-                                     name=None).remote(model_cfg, lora_cfg, rc, cfg.seed,
-                                                       max(1, int(rc.num_cpus_per_worker)), flow_cfg=flow_cfg)
+                                     name=None).remote(spec, sampling, seed, max(1, int(rc.num_cpus_per_worker)))
                    for _ in range(rc.num_workers)]
         self.slots: list[_ActorSlot] = []
         ready = [h.ready.remote() for h in handles]
@@ -242,7 +209,6 @@ class RayWorkerPool:
         self._pending_acks: tuple | None = None
         self._last: dict = {}
         self._prefetch: PendingRollouts | None = None
-        self._tasks = None
 
     # ------------------------------------------------------------------ setup helpers
     def _check_resources(self):
@@ -254,7 +220,7 @@ class RayWorkerPool:
                 msg = (f"rollout.num_workers={rc.num_workers} actors x rollout.num_{kind.lower()}s_per_worker="
                        f"{getattr(rc, f'num_{kind.lower()}s_per_worker')} need {n:g} {kind}s, but the Ray cluster "
                        f"has {have:g}")
-                if self.cfg.ray.address:  # an autoscaling cluster may still grow: warn only
+                if getattr(self.ray_cfg, "address", None):  # an autoscaling cluster may still grow: warn only
                     warnings.warn(msg, stacklevel=3)
                 else:
                     raise ValueError(msg + (" (raise ray.num_cpus)" if kind == "CPU" else ""))
@@ -340,24 +306,8 @@ class RayWorkerPool:
     def _recover(self, index: int, err: BaseException):
         """An actor call failed: wait for Ray's restart, count it, or give up with a clear error."""
         slot = self.slots[index]
-        deadline, died = time.monotonic() + RESTART_WAIT_S, 0
-        while True:
-            try:
-                pid = ray.get(slot.handle.pid.remote(), timeout=RESTART_WAIT_S)
-                break
-            except ray.exceptions.ActorDiedError as e:
-                died += 1  # a fresh call on a restartable actor is queued; repeated "died" = gone for good
-                if died >= 3 or time.monotonic() > deadline:
-                    raise RuntimeError(
-                        f"rollout actor {index} died and Ray will not restart it again: it was restarted "
-                        f"{slot.restarts} time(s), rollout.max_restarts={self.rc.max_restarts}. Last error: "
-                        f"{str(err).splitlines()[0]}") from e
-                time.sleep(0.5)
-            except (ray.exceptions.ActorUnavailableError, ray.exceptions.GetTimeoutError) as e:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"rollout actor {index} did not come back within {RESTART_WAIT_S} s "
-                                       f"after: {str(err).splitlines()[0]}") from e
-                time.sleep(0.2)
+        pid = wait_for_restart(slot.handle, f"rollout actor {index}", slot.restarts,
+                               f"rollout.max_restarts={self.rc.max_restarts}", err)
         self._note_pid(index, pid)
 
     def _note_pid(self, index: int, pid: int, node_id: str | None = None):
@@ -378,11 +328,13 @@ class RayWorkerPool:
         out = {ri: b for ri, _, b in self.generate_stream(requests, version)}
         return [out[ri] for ri in range(len(requests))]
 
-    def generate_stream(self, requests: list[RolloutRequest], version: int, num_chunks: int = 1):
+    def generate_stream(self, requests: list[RolloutRequest], version: int, num_chunks: int = 1,
+                        next_requests: list[RolloutRequest] | None = None):
         """Yield (request index, chunk index, batch) as each chunk (`RolloutRequest.split`) comes back.
 
         Every chunk is sharded across the actors and the chunks are queued in order, so chunk 0 is
-        back first and the caller can score it while the actors sample the rest."""
+        back first and the caller can score it while the actors sample the rest. With
+        `rollout.one_step_off`, `next_requests` (the next step's) are queued behind them at once."""
         if version != self.version:
             raise RuntimeError(
                 f"the learner is at adapter version {version} but the rollout actors were last synced with "
@@ -397,30 +349,15 @@ class RayWorkerPool:
             self._cancel_prefetch()
             pending, prefetched = self.submit(chunks), False
         self._prefetch = None
-        if self.rc.one_step_off and requests:
-            nxt = requests[0].step + 1
-            if nxt <= self._max_steps():
-                # queued behind this step's shards: the actors move on to step k+1 while we train on k
-                self._prefetch = self.submit([c for r in self._requests_for(nxt, requests[0].num_generations)
-                                              for c in r.split(num_chunks)])
+        if self.rc.one_step_off and next_requests:
+            # queued behind this step's shards: the actors move on to step k+1 while we train on k
+            self._prefetch = self.submit([c for r in next_requests for c in r.split(num_chunks)])
         lag = 0
         for k, batch in self.collect_iter(pending):
             lag = max(lag, check_staleness([batch], version, self.rc.max_staleness))
             yield (*index[k], batch)
         self._finish_acks()
         self._last.update({"rollout/version_lag": lag, "rollout/prefetched": float(prefetched)})
-
-    def _max_steps(self) -> int:
-        grpo = getattr(self.cfg, "grpo", None)
-        return grpo.max_steps if grpo is not None else 0
-
-    def _requests_for(self, step: int, num_generations: int) -> list[RolloutRequest]:
-        # Tasks draw prompts from (seed, step) only, so the pool's own copy predicts the learner's
-        # next requests; `PendingRollouts.matches` double-checks before the prefetch is used.
-        if self._tasks is None:
-            from ..rl.tasks import build_tasks
-            self._tasks = build_tasks(self.cfg, ray.get(self.slots[0].handle.image_size.remote()))
-        return [t.request(step, num_generations) for t in self._tasks]
 
     def _cancel_prefetch(self):
         if self._prefetch is not None:
@@ -497,31 +434,6 @@ def check_staleness(batches, learner_version: int, max_staleness: int) -> int:
                 f"{max_staleness}. The samplers did not receive the latest adapter (or raise "
                 f"rollout.max_staleness for asynchronous sampling).")
     return lag
-
-
-def resolve_model_path(cfg) -> str:
-    """The model directory the actors load. `tiny` is built once here, in the driver, at the same path
-    the trainer uses, so the actors (and the learner) read one checkpoint instead of racing to write it."""
-    m = cfg.model
-    if m.name_or_path != "tiny":
-        return m.name_or_path
-    from ..policies.tiny import build_tiny_janus
-    tiny_dir = m.tiny_dir or (Path(cfg.output_dir).parent / ".tiny_models" / f"janus_seed{cfg.seed}")
-    return str(Path(build_tiny_janus(tiny_dir, **(m.tiny or {}))).absolute())
-
-
-def resolve_flow_path(cfg) -> str:
-    """The flow pipeline directory the actors load; `tiny` is built once here, in the driver, at the path
-    the flow_grpo learner uses (`default_tiny_dir`), so actors and learner read one checkpoint."""
-    from ..rollouts.flow_worker import default_tiny_dir
-
-    f = cfg.flow
-    if f is None or f.name_or_path == "tiny":
-        from ..policies.flow import build_tiny_sd3
-        tiny_dir = (f.tiny_dir if f is not None else "") or default_tiny_dir(cfg.output_dir, cfg.seed)
-        return str(Path(build_tiny_sd3(tiny_dir, seed=cfg.seed, **((f.tiny if f is not None else None) or {})))
-                   .absolute())
-    return f.name_or_path
 
 
 def kill_actor_process(pool: RayWorkerPool, index: int, sig: int = signal.SIGKILL) -> int:

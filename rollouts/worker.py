@@ -1,4 +1,5 @@
-"""The rollout worker: owns a policy copy, takes adapter weights with a version, returns rollouts.
+"""The rollout worker: holds a policy (its own copy, or the learner's), takes adapter weights with a
+version, and turns requests into rollouts.
 
 It holds no training state (no optimizer, no step counter), so the same class runs in-process and
 inside a Ray actor. Every sample's randomness derives from (seed, step, prompt index, sample index)
@@ -8,11 +9,10 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
-from ..policies.batches import ImageRollout, TextRollout
+from ..policies.batches import Rollout, concat_rollouts
 
 
 def sample_seed(seed: int, step: int, kind: str, prompt_index: int, sample_index: int) -> int:
@@ -61,42 +61,43 @@ class RolloutRequest:
             images=self.images[idx] if self.images is not None else None)
 
 
-def make_policy(model_cfg, lora_cfg=None, tiny_dir: str | Path | None = None):
-    """Build the Janus policy a config describes (hub id, local path, or `tiny`), with its LoRA adapter."""
-    from ..policies.janus import JanusPolicy
-    from ..policies.tiny import build_tiny_janus
+@dataclass
+class Sampling:
+    """How a worker samples: keyword arguments of the policy's `sample_images` and `answer`, and how
+    many samples go through one forward batch (0 = all at once). The learner builds it from its config
+    (`rollout` for Janus, `flow` for flow-matching policies); workers never see the config."""
 
-    path = model_cfg.name_or_path
-    if path == "tiny":
-        path = build_tiny_janus(model_cfg.tiny_dir or tiny_dir or "runs/tiny_model", **(model_cfg.tiny or {}))
-    policy = JanusPolicy.from_pretrained(path, dtype=model_cfg.dtype, device=model_cfg.device,
-                                         quantization=model_cfg.quantization,
-                                         attn_implementation=model_cfg.attn_implementation)
-    if lora_cfg is not None:
-        if lora_cfg.init_adapter:
-            policy.load_adapter(lora_cfg.init_adapter, trainable=True)
-        else:
-            targets = lora_cfg.target_modules
-            if "," in targets:
-                targets = [t.strip() for t in targets.split(",")]
-            policy.add_lora(r=lora_cfg.r, alpha=lora_cfg.alpha, dropout=lora_cfg.dropout, target_modules=targets)
-    if model_cfg.gradient_checkpointing:
-        policy.gradient_checkpointing(True)
-    return policy
+    image: dict = field(default_factory=dict)
+    text: dict = field(default_factory=dict)
+    batch_size: int = 0
+
+
+def expand_request(request: RolloutRequest, seed: int):
+    """The rows of a request: for each prompt in order, its num_generations samples, each with its seed,
+    group id (the prompt's position in the step), target, and the row of its question image."""
+    prompts, seeds, groups, targets, image_rows = [], [], [], [], []
+    for j, (p, pi) in enumerate(zip(request.prompts, request.prompt_indices)):
+        for s in range(request.num_generations):
+            prompts.append(p)
+            seeds.append(sample_seed(seed, request.step, request.kind, pi, s))
+            groups.append(pi)
+            targets.append(request.targets[j] if request.targets else "")
+            image_rows.append(j)
+    return prompts, seeds, groups, targets, image_rows
 
 
 class RolloutWorker:
-    """Samples rollouts for requests. In-process it may share the learner's policy object."""
+    """Samples rollouts for requests from any policy of the protocol (policies/registry.py).
 
-    def __init__(self, policy, rollout_cfg, seed: int, shares_learner_policy: bool = False):
+    In-process it may share the learner's policy object (`shares_learner_policy`): then a sync only
+    bumps the version; a worker with its own copy (a Ray actor) loads the adapter tensors it is sent.
+    """
+
+    def __init__(self, policy, sampling: Sampling, seed: int, shares_learner_policy: bool = False):
         self.policy = policy
-        self.cfg = rollout_cfg
+        self.sampling = sampling
         self.seed = seed
         self.shares_learner_policy = shares_learner_policy
-
-    @classmethod
-    def from_config(cls, model_cfg, lora_cfg, rollout_cfg, seed: int, tiny_dir=None):
-        return cls(make_policy(model_cfg, lora_cfg, tiny_dir), rollout_cfg, seed)
 
     @property
     def version(self) -> int:
@@ -111,72 +112,25 @@ class RolloutWorker:
                 raise ValueError("a worker with its own policy copy needs the adapter tensors")
             self.policy.version = version
 
-    def generate(self, request: RolloutRequest) -> ImageRollout | TextRollout:
-        n, cfg = request.num_generations, self.cfg
-        prompts, seeds, groups, targets, image_rows = [], [], [], [], []
-        for j, (p, pi) in enumerate(zip(request.prompts, request.prompt_indices)):
-            for s in range(n):
-                prompts.append(p)
-                seeds.append(sample_seed(self.seed, request.step, request.kind, pi, s))
-                groups.append(pi)
-                targets.append(request.targets[j] if request.targets else "")
-                image_rows.append(j)
-        was_training = self.policy.model.training
-        self.policy.model.eval()  # no LoRA dropout while sampling
+    def generate(self, request: RolloutRequest) -> Rollout:
+        if request.kind not in self.policy.modalities:
+            raise ValueError(f"a {type(self.policy).__name__} samples {' and '.join(self.policy.modalities)} "
+                             f"rollouts, got a {request.kind!r} request")
+        prompts, seeds, groups, targets, image_rows = expand_request(request, self.seed)
+        model = self.policy.model
+        was_training = model.training
+        model.eval()  # no LoRA dropout while sampling
         try:
             parts = []
-            bs = max(1, cfg.batch_size)
+            bs = self.sampling.batch_size or max(1, len(prompts))
             for i in range(0, len(prompts), bs):
                 sl = slice(i, i + bs)
                 if request.kind == "image":
-                    parts.append(self.policy.sample_images(
-                        prompts[sl], seeds[sl], cfg_scale=cfg.cfg_scale, temperature=cfg.temperature,
-                        top_k=cfg.top_k, group_ids=groups[sl], targets=targets[sl],
-                        sampler=getattr(cfg, "sampler", "auto")))
+                    parts.append(self.policy.sample_images(prompts[sl], seeds[sl], group_ids=groups[sl],
+                                                           targets=targets[sl], **self.sampling.image))
                 else:
-                    parts.append(self.policy.answer(
-                        request.images[image_rows[sl]], prompts[sl], seeds[sl], max_new_tokens=cfg.max_new_tokens,
-                        temperature=cfg.temperature, group_ids=groups[sl], targets=targets[sl]))
+                    parts.append(self.policy.answer(request.images[image_rows[sl]], prompts[sl], seeds[sl],
+                                                    group_ids=groups[sl], targets=targets[sl], **self.sampling.text))
         finally:
-            self.policy.model.train(was_training)
+            model.train(was_training)
         return concat_rollouts(parts)
-
-
-def concat_rollouts(parts):
-    """Concatenate rollout batches of one kind, re-padding prompts/answers to a common length."""
-    if len(parts) == 1:
-        return parts[0]
-    cls = type(parts[0])
-    if not hasattr(parts[0], "prompt_ids"):  # no token padding to align (FlowRollout: fixed-shape latents)
-        return cls.concat(parts)
-    if cls is ImageRollout:
-        L = max(p.prompt_ids.shape[1] for p in parts)
-        parts = [_left_pad(p, "prompt_ids", "prompt_mask", L) for p in parts]
-    else:
-        L = max(p.prompt_ids.shape[1] for p in parts)
-        A = max(p.answer_ids.shape[1] for p in parts)
-        parts = [_right_pad(_left_pad(p, "prompt_ids", "prompt_mask", L), A) for p in parts]
-    return cls.concat(parts)
-
-
-def _left_pad(b, ids_name, mask_name, L):
-    from dataclasses import replace
-    ids, mask = getattr(b, ids_name), getattr(b, mask_name)
-    extra = L - ids.shape[1]
-    if extra == 0:
-        return b
-    pad_id = int(ids[mask == 0][0]) if (mask == 0).any() else 0
-    ids = torch.cat([ids.new_full((ids.shape[0], extra), pad_id), ids], 1)
-    mask = torch.cat([mask.new_zeros(mask.shape[0], extra), mask], 1)
-    return replace(b, **{ids_name: ids, mask_name: mask})
-
-
-def _right_pad(b: TextRollout, A: int):
-    from dataclasses import replace
-    extra = A - b.answer_ids.shape[1]
-    if extra == 0:
-        return b
-    pad_id = int(b.answer_ids[b.answer_mask == 0][0]) if (b.answer_mask == 0).any() else 0
-    z = lambda t, v: torch.cat([t, t.new_full((t.shape[0], extra), v)], 1)  # noqa: E731
-    return replace(b, answer_ids=z(b.answer_ids, pad_id), answer_mask=z(b.answer_mask, 0),
-                   logprobs_sampled=z(b.logprobs_sampled, 0.0))

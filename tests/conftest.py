@@ -32,7 +32,7 @@ def tiny_janus_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_sd3_dir(tmp_path_factory):
     """A tiny real StableDiffusion3Pipeline directory (built once per session: ~10 s)."""
-    from uniloop.policies.flow import build_tiny_sd3
+    from uniloop.policies.flow_tiny import build_tiny_sd3
     return build_tiny_sd3(tmp_path_factory.mktemp("models") / "tiny_sd3", seed=0)
 
 

@@ -10,7 +10,7 @@ import torch
 from uniloop.rewards.base import RewardContext, RewardMixture, RewardSpec, register_reward
 from uniloop.rewards.builtin import ColorReward
 from uniloop.rl.config import ConfigError, load_config
-from uniloop.rl.trainer import GRPOTrainer
+from uniloop.rl.grpo import GRPOTrainer
 from uniloop.rollouts.worker import RolloutRequest
 
 REPO = Path(__file__).resolve().parents[1]

@@ -13,11 +13,11 @@ from PIL import Image
 from uniloop.policies.janus import JanusPolicy
 from uniloop.rewards.base import Reward, RewardOutput, register_reward
 from uniloop.rl.config import SyntheticPreferenceConfig, load_config
-from uniloop.rl.dpo import (PairLogps, dpo_losses, pair_logps, preference_accuracy, reference_pair_logps,
-                            write_synthetic_preference_set)
+from uniloop.rl.losses import PairLogps, dpo_losses, preference_accuracy
+from uniloop.rl.pair_logps import pair_logps, reference_pair_logps
 from uniloop.rl.online_dpo import select_pairs
-from uniloop.rl.preference_data import (PreferenceDataError, build_preference_set, read_preference_records,
-                                        vq_image_size)
+from uniloop.rl.preference_data import PreferenceDataError, read_preference_records
+from uniloop.rl.preference_sets import build_preference_set, vq_image_size, write_synthetic_preference_set
 
 
 def _logsig(x: float) -> float:
@@ -156,7 +156,7 @@ def test_skip_invalid_reports_how_many_were_skipped(pair_files):
 
 
 def test_relative_paths_resolve_against_the_jsonl_file(pair_files, monkeypatch, tmp_path_factory):
-    from uniloop.rl.preference_data import understanding_batch
+    from uniloop.rl.preference_sets import understanding_batch
     _write_jsonl(pair_files / "pairs.jsonl", [GOOD_UND, GOOD_UND])
     monkeypatch.chdir(pair_files.parent)
     recs = read_preference_records(f"{pair_files.name}/pairs.jsonl")  # a relative source path
@@ -181,7 +181,7 @@ def test_datasets_directory_and_vq_token_cache(pair_files, lora_policy, tmp_path
                                                   / 255 for im in imgs]))
     assert torch.equal(first.generation.chosen_tokens, want[[0, 2]])
     assert torch.equal(first.generation.rejected_tokens, want[[1, 1]])
-    from uniloop.rl.preference_data import VQTokenCache, vq_model_key
+    from uniloop.rl.preference_sets import VQTokenCache, vq_model_key
     assert len(VQTokenCache(cache, vq_model_key(lora_policy)).entries) == 3  # identical images share an entry
     again = build_preference_set(lora_policy, read_preference_records(tmp_path / "ds"), cache)
     assert torch.equal(again.generation.chosen_tokens, first.generation.chosen_tokens)
@@ -251,14 +251,14 @@ def test_online_dpo_round_keeps_only_separated_pairs(tiny_janus_dir, tmp_path):
     cfg = load_config(_pairs_config(tmp_path, tiny_janus_dir, "algorithm: online_dpo"))
     trainer = OnlineDPOTrainer(cfg)
     req = trainer.tasks[0].request(1, cfg.rollout.num_generations)
-    batch, mix, sel = sample_rank_select(trainer.worker, trainer.rewards, req, 0.05, trainer.policy, 1)
+    batch, mix, sel = sample_rank_select(trainer.workers.worker, trainer.rewards, req, 0.05, trainer.policy, 1)
     assert len(sel) + sel.dropped == 3
     for c, r in zip(sel.chosen, sel.rejected):
         assert mix.total[c] - mix.total[r] > 0.05 and batch.group_ids[c] == batch.group_ids[r]
     # the same candidates with an impossible margin: every prompt is dropped
     point = mix.total.clone()
     assert len(select_pairs(batch.group_ids, mix.valid, point, margin=10.0)) == 0
-    m = trainer.train_step()
+    m = trainer.train_step().metrics
     assert m["online/image/pairs"] + m["online/image/dropped_unseparated"] + m["online/image/dropped_invalid"] == 3
     assert m["online/pairs"] == m["online/image/pairs"] + m["online/text/pairs"]
     if m["online/pairs"]:

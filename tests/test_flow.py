@@ -187,7 +187,7 @@ def test_flow_grpo_run_checkpoints_and_resumes(tmp_path, tiny_sd3_dir):
 def test_diffusion_dpo_loss_is_log2_before_training_and_matches_an_independent_computation(tiny_sd3_dir):
     from uniloop.rl.diffusion_dpo import (diffusion_dpo_loss, diffusion_pair_logps, flow_matching_errors,
                                           pairs_from_tensors)
-    from uniloop.rl.dpo import dpo_losses
+    from uniloop.rl.losses import dpo_losses
 
     policy = load_policy(tiny_sd3_dir)
     size = policy.image_size

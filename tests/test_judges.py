@@ -165,7 +165,7 @@ def random_judge_dir(tmp_path_factory):
 
 def test_random_judge_is_invalid_never_zero(random_judge_dir):
     """An untrained VLM writes garbage: every verdict is unparseable, excluded, counted — never 0."""
-    from uniloop.rl.grpo import grpo_advantages
+    from uniloop.rl.losses import grpo_advantages
 
     judge = VLMJudge(model=str(random_judge_dir), max_new_tokens=8)
     batch = image_batch(PROMPTS, IMAGES, group_ids=[0, 0, 0, 0])
@@ -200,7 +200,7 @@ def test_remote_judge_matches_local_and_batches(judge_server, local_judges, monk
 
 
 def test_remote_retries_then_counts_invalid_and_never_logs_the_key(judge_server, monkeypatch, caplog):
-    from uniloop.rl.grpo import grpo_advantages
+    from uniloop.rl.losses import grpo_advantages
 
     url, server_log = judge_server
     monkeypatch.setenv(KEY_ENV, SECRET)

@@ -18,7 +18,8 @@ import torch
 ray = pytest.importorskip("ray")
 
 from uniloop.rl.config import ConfigError, load_config  # noqa: E402
-from uniloop.rollouts.job import read_records, run_job  # noqa: E402
+from uniloop.rl.jobs import run_job  # noqa: E402
+from uniloop.rollouts.job import read_records  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = str(REPO / "configs" / "quickstart.yaml")
@@ -93,12 +94,12 @@ def test_train_with_two_ray_workers_gives_in_process_rewards(ray_local, tiny_jan
 
 
 def test_workers_sample_with_the_newest_adapter_even_after_a_restart(ray_local, tiny_janus_dir, tmp_path):
-    from uniloop.rl.trainer import GRPOTrainer, make_worker_pool
+    from uniloop.rl.grpo import GRPOTrainer
     from uniloop.rollouts.ray_pool import kill_actor_process
 
     cfg = load_config(QUICKSTART, train_overrides(tiny_janus_dir, tmp_path / "run") +
                       ["rollout.num_workers=2", "grpo.max_steps=4"])
-    trainer = GRPOTrainer(cfg, worker_pool=make_worker_pool(cfg))
+    trainer = GRPOTrainer(cfg)
     pool, policy = trainer.workers, trainer.policy
     try:
         killed = None
@@ -132,7 +133,7 @@ def test_workers_sample_with_the_newest_adapter_even_after_a_restart(ray_local, 
 
 
 def test_one_step_off_uses_the_samplers_logprobs_as_old(ray_local, tiny_janus_dir, tmp_path):
-    from uniloop.rl.trainer import GRPOTrainer, make_worker_pool
+    from uniloop.rl.grpo import GRPOTrainer
 
     with pytest.raises(ConfigError, match="max_staleness"):
         load_config(QUICKSTART, train_overrides(tiny_janus_dir, tmp_path / "x") +
@@ -140,7 +141,7 @@ def test_one_step_off_uses_the_samplers_logprobs_as_old(ray_local, tiny_janus_di
     cfg = load_config(QUICKSTART, train_overrides(tiny_janus_dir, tmp_path / "run") +
                       ["rollout.num_workers=2", "rollout.one_step_off=true", "rollout.max_staleness=1",
                        "rollout.scoring_chunks=2"])  # the prefetch is chunked like the step it stands for
-    trainer = GRPOTrainer(cfg, worker_pool=make_worker_pool(cfg))
+    trainer = GRPOTrainer(cfg)
     policy = trainer.policy
     try:
         m1, s1 = trainer.train_step()
@@ -171,6 +172,7 @@ def test_one_step_off_uses_the_samplers_logprobs_as_old(ray_local, tiny_janus_di
 def test_staleness_and_resource_errors_are_clear(ray_local, tiny_janus_dir, tmp_path):
     from types import SimpleNamespace
 
+    from uniloop.rl.trainer import policy_spec, sampling_settings
     from uniloop.rollouts.ray_pool import RayWorkerPool, check_staleness
     stale = [SimpleNamespace(kind="image", version=3)]
     assert check_staleness(stale, 4, 1) == 1
@@ -179,7 +181,7 @@ def test_staleness_and_resource_errors_are_clear(ray_local, tiny_janus_dir, tmp_
     cfg = load_config(QUICKSTART, train_overrides(tiny_janus_dir, tmp_path / "run") +
                       ["rollout.num_workers=2", "rollout.num_gpus_per_worker=0.5"])
     with pytest.raises(ValueError, match="need 1 GPUs, but the Ray cluster has 0"):
-        RayWorkerPool(cfg)
+        RayWorkerPool(policy_spec(cfg), sampling_settings(cfg), cfg.rollout, cfg.seed, cfg.ray)
 
 
 def flow_run(tiny_sd3_dir, out, num_workers: int, one_step_off: bool = False, steps: int = 2) -> list[dict]:
@@ -244,10 +246,10 @@ def test_reward_actor_scores_like_in_process_and_survives_a_kill(ray_local, tiny
     from uniloop.rewards.base import RewardContext
     from uniloop.rewards.builtin import ColorReward
     from uniloop.rewards.ray_actor import RayActorReward
-    from uniloop.rl.trainer import build_rewards
+    from uniloop.rewards.base import build_mixture
 
     cfg = load_config(None, ["rewards=[{name: color, type: ray_actor, args: {reward: color, num_cpus: 0.5}}]"])
-    mixture = build_rewards(cfg, tmp_path)
+    mixture = build_mixture(cfg.rewards)
     remote = mixture.specs[0].reward
     assert isinstance(remote, RayActorReward) and remote.modalities == ("image",)
     batch = tiny_policy.sample_images(["a red image", "a blue image"] * 2, seeds=[1, 2, 3, 4], cfg_scale=1.0)

@@ -12,7 +12,10 @@ import torch
 
 from uniloop.rewards.base import Reward, RewardOutput, register_reward
 from uniloop.rl.config import load_config
-from uniloop.rl.trainer import GRPOTrainer, train_grpo
+from uniloop.rl.algorithms import get_algorithm
+from uniloop.rl.grpo import GRPOTrainer
+
+train_grpo = get_algorithm("grpo")
 
 REPO = Path(__file__).resolve().parents[1]
 

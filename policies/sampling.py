@@ -1,0 +1,65 @@
+"""Sampling primitives shared by the Janus samplers (plain and fast) and the teacher-forced log-probs.
+
+Randomness is drawn per sample from a seed (`uniforms_for`) and turned into tokens by inverse-CDF
+sampling, so a sample's tokens do not depend on the batch, worker or device that drew it. The same
+expressions run in the sampler and under teacher forcing, which is what makes them agree to float
+precision.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in _DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; use one of {sorted(_DTYPES)}")
+    return _DTYPES[name]
+
+
+def uniforms_for(seeds: list[int], length: int, device) -> torch.Tensor:
+    """One row of `length` uniforms per seed; the row depends on its seed alone."""
+    rows = [torch.rand(length, generator=torch.Generator().manual_seed(int(s)), dtype=torch.float64)
+            for s in seeds]
+    return torch.stack(rows).to(device)
+
+
+def filter_top_k(logits: torch.Tensor, top_k: int) -> torch.Tensor:
+    if top_k and 0 < top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return logits
+
+
+def inverse_cdf_sample(logprobs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Token whose CDF interval contains u (u in [0,1)); greedy when u is None."""
+    cdf = logprobs.double().exp().cumsum(-1)
+    idx = torch.searchsorted(cdf, (u * cdf[..., -1]).unsqueeze(-1)).squeeze(-1)
+    return idx.clamp_(max=logprobs.shape[-1] - 1)
+
+
+def guided_logits(cond: torch.Tensor, uncond: torch.Tensor | None, cfg_scale: float) -> torch.Tensor:
+    if uncond is None:
+        return cond
+    return uncond + cfg_scale * (cond - uncond)
+
+
+def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    # Left padding: real tokens get positions 0..n-1 whatever the padding, as in HF generate.
+    return (mask.long().cumsum(-1) - 1).clamp_(min=0)
+
+
+def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """log_softmax(logits).gather(index) without materialising the full log-softmax (TRL's)."""
+    try:
+        from trl.trainer.utils import selective_log_softmax as trl_sls
+    except Exception:  # pragma: no cover - trl is a hard dependency, this guards odd installs
+        return F.log_softmax(logits, -1).gather(-1, index.unsqueeze(-1)).squeeze(-1)
+    if torch.isinf(logits).any():  # top-k masked logits: TRL's fp32 path handles -inf fine, be safe
+        return F.log_softmax(logits, -1).gather(-1, index.unsqueeze(-1)).squeeze(-1)
+    return trl_sls(logits, index)

@@ -1,0 +1,160 @@
+"""The one training loop: any registered algorithm's trainer, stepped to max_steps.
+
+    train(cfg, TrainerClass)          prepare the run directory, save the config, build the trainer
+      run(trainer, resume)            resume -> [evaluate step 0] -> step, evaluate, log, grid, checkpoint
+                                      -> summary.json (first vs last 10% of steps, first vs last evaluation)
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .checkpoint import latest_checkpoint
+from .config import save_config
+from .runlog import RunLogger, prepare_run_dir, read_metrics
+from .trainer import Trainer
+
+
+def train(cfg, trainer_cls: type[Trainer], resume: bool = False) -> dict:
+    """Run one training job of `trainer_cls` as `cfg` describes; returns the summary."""
+    prepare_run_dir(cfg.output_dir, resume)  # a fresh run never mixes its files with an earlier one's
+    trainer_cls.prepare_config(cfg)
+    Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+    save_config(cfg, Path(cfg.output_dir) / "config.yaml")
+    return run(trainer_cls(cfg), resume)
+
+
+def run(trainer: Trainer, resume: bool = False) -> dict:
+    cfg, log_cfg = trainer.cfg, trainer.cfg.logging
+    run_dir = Path(cfg.output_dir)
+    logger = RunLogger(run_dir, tensorboard=log_cfg.tensorboard)
+    if resume and trainer.resume():
+        logger.truncate_after(trainer.step)
+        print(f"resumed from step {trainer.step} ({latest_checkpoint(run_dir)})")
+    total = trainer.max_steps
+    progress = Progress(total, trainer.step, type(trainer).__name__, enabled=log_cfg.progress_bar)
+    try:
+        if trainer.step == 0:
+            start = dict(trainer.start_metrics())
+            if trainer.eval_due(0):
+                start.update(trainer.evaluate())  # the baseline later evaluations compare against
+            if start:
+                logger.log(0, start)
+        while trainer.step < total:
+            result = trainer.train_step()
+            step, metrics = trainer.step, result.metrics
+            last = step == total
+            evaluated = trainer.eval_due(step)
+            if evaluated:
+                metrics.update(trainer.evaluate())
+            if step % log_cfg.log_every == 0 or last or evaluated:
+                logger.log(step, metrics)
+            if log_cfg.image_grid_every and (step % log_cfg.image_grid_every == 0 or step == 1):
+                sample_grid(logger, step, result.samples)
+            if (log_cfg.save_every and step % log_cfg.save_every == 0) or last:
+                trainer.save()
+            progress.update(step, metrics)
+    finally:
+        progress.close()
+        logger.close()
+        trainer.close()
+    summary = summarize(read_metrics(run_dir / "metrics.jsonl"))
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+# ----------------------------------------------------------------------------- summary
+TRAIN_KEYS = ("dpo/loss", "dpo/accuracy")
+
+
+def summarize(rows: list[dict]) -> dict:
+    """The 'did it learn' numbers: first vs last 10% of the training steps for every reward mean (and
+    the DPO loss and accuracy), first vs last evaluation (same prompts and seeds) for every eval metric."""
+    if not rows:
+        return {}
+    out = {"steps": rows[-1]["step"]}
+    train_rows = [r for r in rows if r["step"] > 0]  # step 0 holds the baseline evaluation only
+    k = max(1, len(train_rows) // 10)
+    keys = sorted({key for r in train_rows for key in r
+                   if (key.startswith("reward/") and key.endswith("/mean")) or key in TRAIN_KEYS})
+    for key in keys:
+        first = [r[key] for r in train_rows[:k] if r.get(key) is not None]
+        last = [r[key] for r in train_rows[-k:] if r.get(key) is not None]
+        if first and last:
+            out[key] = {"first_10pct": float(np.mean(first)), "last_10pct": float(np.mean(last))}
+    for key in sorted({key for r in rows for key in r if key.startswith("eval/") and not key.endswith("/pairs")}):
+        vals = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+        if vals:
+            out[key] = {"initial": vals[0][1], "final": vals[-1][1], "initial_step": vals[0][0],
+                        "final_step": vals[-1][0]}
+    return out
+
+
+# ----------------------------------------------------------------------------- what users look at
+def sample_grid(logger: RunLogger, step: int, scored: list, max_images: int = 16):
+    """A PNG of a few samples of every prompt (one row per group), each captioned with its reward and
+    the per-component breakdown ("r=0.71 color=.80 self_u=.42")."""
+    for sb in scored:
+        if sb.batch.kind != "image":
+            continue
+        groups = sb.batch.group_ids.unique().tolist()
+        per = max(1, max_images // max(len(groups), 1))
+        idx = [i for g in groups for i in (sb.batch.group_ids == g).nonzero().flatten().tolist()[:per]]
+        caps = [f"{sb.batch.prompts[i]} r={sb.rewards[i]:.2f} "
+                + " ".join(f"{n[:6]}={c.scores[i]:.2f}" for n, c in sb.components.items()) for i in idx]
+        logger.save_grid(step, sb.batch.images[idx], caps, cols=per)
+
+
+class Progress:
+    """A tqdm bar on a terminal; in a log file (no TTY) one plain line every ~5% of the steps or 30 s,
+    so a long run's log stays readable instead of one carriage-return line per step."""
+
+    def __init__(self, total: int, initial: int, desc: str, enabled: bool = True, stream=None):
+        self.total, self.desc, self.stream = total, desc, stream or sys.stderr
+        self.enabled = enabled
+        self.tty = enabled and hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.bar = None
+        if self.tty:
+            from tqdm.auto import tqdm
+            self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, file=self.stream)
+        self.every = max(1, total // 20)
+        self.t0 = self.last_print = time.monotonic()
+        self.first = initial
+
+    def update(self, step: int, metrics: dict):
+        post = headline(metrics)
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(post)
+            return
+        now = time.monotonic()
+        if not self.enabled or not (step % self.every == 0 or step == self.total or now - self.last_print > 30):
+            return
+        self.last_print = now
+        rate = (step - self.first) / max(now - self.t0, 1e-9)
+        eta = (self.total - step) / rate if rate > 0 else float("nan")
+        fields = "  ".join(f"{k} {v}" for k, v in post.items())
+        print(f"{self.desc} step {step}/{self.total}  {fields}  ({rate:.2f} steps/s, eta {eta:.0f} s)",
+              file=self.stream, flush=True)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def headline(metrics: dict) -> dict:
+    """The few numbers worth a glance: each reward's mean, and the DPO loss and accuracies."""
+    out = {}
+    for k, v in metrics.items():
+        if not (isinstance(v, float) and math.isfinite(v)):
+            continue
+        if k.startswith("reward/") and k.endswith("/mean") and k.count("/") == 2:
+            out[k.split("/")[1]] = f"{v:.3f}"
+        elif k in ("dpo/loss", "dpo/accuracy", "eval/dpo/accuracy"):
+            out[k.replace("/", "_").removeprefix("dpo_")] = f"{v:.3f}"
+    return out
