@@ -71,3 +71,4 @@ class ExactMatchReward(Reward):
 
 
 from . import clip, judges, ray_actor, rules, self_understanding, understanding_model  # noqa: E402,F401  (register the heavier built-ins)
+from . import aesthetic, detector, hps, image_reward, ocr, pickscore  # noqa: E402,F401  (model-based image rewards)
