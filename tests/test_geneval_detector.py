@@ -10,6 +10,8 @@ from tiny_reward_models import tiny_clip_dir, tiny_owlv2_dir
 from uniloop.rewards.geneval import (Detection, evaluate, geneval_iou, parse_metadata, relative_position,
                                      select_detections)
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: extra threads only contend
+
 
 def det(x0, y0, x1, y1, s=0.9):
     return Detection((x0, y0, x1, y1), s)

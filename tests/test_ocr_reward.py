@@ -7,6 +7,8 @@ from test_preference_rewards import CTX, image_batch
 from tiny_reward_models import tiny_trocr_dir
 from uniloop.rewards.ocr import levenshtein, ocr_accuracy, quoted_text
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: extra threads only contend
+
 
 def test_levenshtein_and_accuracy_by_hand():
     assert levenshtein("kitten", "sitting") == 3 and levenshtein("", "abc") == 3 and levenshtein("abc", "abc") == 0

@@ -8,6 +8,8 @@ from tiny_reward_models import bert_tokenizer_dir, tiny_clip_dir
 from uniloop.policies.batches import ImageRollout
 from uniloop.rewards.base import RewardContext
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: extra threads only contend
+
 CTX = RewardContext()
 PROMPTS = ["a photo of a red cat", "a blue dog on a sofa", "a painting"]
 
