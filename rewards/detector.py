@@ -3,8 +3,10 @@
 The detector is a transformers OWLv2 / OWL-ViT (`google/owlv2-base-patch16-ensemble`, `-large-`) asked
 for every class the sample's metadata names (query `query_template.format(class)`). Its raw outputs
 go through the processor's own `post_process_grounded_object_detection`; the kept boxes are then
-selected and judged by `geneval.py` (GenEval's rules). Per-sample metadata is a JSON string in
-`batch.targets` (the format is documented in geneval.py); a sample without valid metadata is invalid.
+selected and judged by `geneval.py` (GenEval's rules). Per-sample metadata (format in geneval.py) is
+a JSON string in `batch.targets` (what a rollout job's `target` field carries), or, for prompts whose
+target is not metadata, the entry of the prompt in `metadata_file` (a JSONL with `prompt` fields, such
+as GenEval's `evaluation_metadata.jsonl`); a sample with neither is invalid, never 0.
 
 Differences from GenEval: GenEval detects with Mask2Former (closed-vocabulary COCO classes, instance
 masks, threshold 0.3 / 0.9 for counting); here an open-vocabulary detector with its own score scale
@@ -23,7 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from .base import Reward, RewardContext, RewardOutput, register_reward
-from .geneval import COLORS, Detection, evaluate, metadata_classes, parse_metadata, select_detections
+from .geneval import (COLORS, Detection, evaluate, metadata_classes, parse_metadata, read_metadata_file,
+                      select_detections)
 from .model_utils import chunks, pooled, split_images, to_pil, torch_dtype
 
 COLOR_TEMPLATES = ("a photo of a {c} {cls}", "a photo of a {c}-colored {cls}", "a photo of a {c} object")
@@ -80,7 +83,8 @@ class DetectorReward(Reward):
                  device: str = "cpu", dtype: str = "float32", batch_size: int = 4, threshold: float = 0.2,
                  counting_threshold: float = 0.3, nms_iou: float = 0.5, max_objects: int = 16,
                  position_threshold: float = 0.1, query_template: str = "a photo of a {}", mode: str = "strict",
-                 color_model: str = "openai/clip-vit-large-patch14", color_processor: str | None = None):
+                 color_model: str = "openai/clip-vit-large-patch14", color_processor: str | None = None,
+                 metadata_file: str | None = None):
         from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
 
         if mode not in ("strict", "partial"):
@@ -96,6 +100,16 @@ class DetectorReward(Reward):
         self.nms_iou, self.max_objects, self.position_threshold = nms_iou, max_objects, position_threshold
         self.query_template = query_template
         self.color_model, self.color_processor, self._colors = color_model, color_processor, None
+        self.by_prompt = read_metadata_file(metadata_file) if metadata_file else {}
+
+    def metadata(self, batch, i: int) -> tuple[dict | None, str | None]:
+        """The sample's metadata: its `targets` entry when that parses, else the `metadata_file` entry of
+        its prompt (training image tasks carry a color word, not metadata, in `targets`)."""
+        target = batch.targets[i] if batch.targets and i < len(batch.targets) else None
+        meta, err = parse_metadata(target) if target else (None, "no metadata in targets")
+        if meta is None and batch.prompts[i] in self.by_prompt:
+            return self.by_prompt[batch.prompts[i]], None
+        return meta, err
 
     def colors(self) -> ClipColorClassifier:
         if self._colors is None:  # lazy: many runs have no color clause at all
@@ -142,10 +156,7 @@ class DetectorReward(Reward):
     def score(self, batch, context: RewardContext) -> RewardOutput:
         B = len(batch)
         images, ok = split_images(batch.images)
-        targets = list(batch.targets) if batch.targets else [None] * B
-        metas, errors = [None] * B, [None] * B
-        for i in range(B):
-            metas[i], errors[i] = parse_metadata(targets[i]) if i < len(targets) and targets[i] else (None, "no metadata")
+        metas, errors = map(list, zip(*[self.metadata(batch, i) for i in range(B)])) if B else ([], [])
         todo = [i for i in range(B) if ok[i] and metas[i] is not None]
         pils = to_pil(images[todo]) if todo else []
         classes = [metadata_classes(metas[i]) for i in todo]

@@ -27,6 +27,7 @@ hold (ours, a denser signal for RL; not a GenEval number).
 """
 from __future__ import annotations
 
+import ast
 import json
 import math
 from dataclasses import dataclass, field
@@ -59,7 +60,13 @@ def parse_metadata(text) -> tuple[dict | None, str | None]:
     try:
         meta = json.loads(text) if isinstance(text, str) else text
     except (TypeError, ValueError) as e:
-        return None, f"metadata is not JSON: {e}"
+        # a rollout job stores a record's non-string `target` as str(dict): a Python literal, read safely
+        try:
+            meta = ast.literal_eval(text) if isinstance(text, str) and text.lstrip().startswith("{") else None
+        except (ValueError, SyntaxError, MemoryError, RecursionError):
+            meta = None
+        if meta is None:
+            return None, f"metadata is not JSON: {e}"
     if not isinstance(meta, dict):
         return None, "metadata must be a JSON object"
     inc, exc = meta.get("include", []), meta.get("exclude", [])
@@ -83,6 +90,24 @@ def parse_metadata(text) -> tuple[dict | None, str | None]:
                     return None, (f"include[{j}].position must be [relation, index of an earlier include "
                                   f"clause] with relation in {RELATIONS}, got {p!r}")
     return meta, None
+
+
+def read_metadata_file(path: str) -> dict[str, dict]:
+    """prompt -> metadata from a JSONL file whose records carry a `prompt` (GenEval's
+    `evaluation_metadata.jsonl` is one); a repeated prompt must repeat the same metadata."""
+    out: dict[str, dict] = {}
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            rec = json.loads(line)
+            meta, err = parse_metadata(rec)
+            if meta is None or not isinstance(rec.get("prompt"), str):
+                raise ValueError(f"{path}:{n}: {err or 'no prompt'}")
+            if out.get(rec["prompt"], meta) != meta:
+                raise ValueError(f"{path}:{n}: prompt {rec['prompt']!r} has two different metadata")
+            out[rec["prompt"]] = meta
+    return out
 
 
 def metadata_classes(meta: dict) -> list[str]:

@@ -203,3 +203,27 @@ def test_detector_color_clause_uses_clip_zero_shot_on_the_box(detector):
                meta({"class": "cat", "count": 1, "color": other}, tag="colors")]
     out = detector.score(image_batch(["p", "p"], images.repeat(2, 1, 1, 1), targets), CTX)
     assert out.scores.tolist() == [1.0, 0.0] and out.valid.all()
+
+
+def test_metadata_from_a_prompt_file_or_a_python_literal(detector, tmp_path):
+    from uniloop.rewards.geneval import read_metadata_file
+
+    good = {"tag": "single_object", "include": [{"class": "cat", "count": 1}]}
+    assert parse_metadata(str(good))[0] == good  # what a rollout job makes of a JSON-object `target`
+    path = tmp_path / "evaluation_metadata.jsonl"
+    path.write_text(json.dumps(good | {"prompt": "a photo of a cat"}) + "\n\n"
+                    + json.dumps({"tag": "single_object", "include": [{"class": "dog", "count": 1}],
+                                  "prompt": "a photo of a dog"}) + "\n")
+    assert set(read_metadata_file(str(path))) == {"a photo of a cat", "a photo of a dog"}
+    detector.by_prompt = read_metadata_file(str(path))
+    try:
+        images = torch.rand(3, 64, 64, 3, generator=torch.Generator().manual_seed(2))
+        # a training image task carries a color word (or "") in targets: the prompt's file entry is used
+        out = detector.score(image_batch(["a photo of a cat", "a photo of a dog", "a photo of a cow"], images,
+                                         ["red", "", ""]), CTX)
+        assert out.valid.tolist() == [True, True, False] and out.scores[:2].tolist() == [1.0, 0.0]
+    finally:
+        detector.by_prompt = {}
+    path.write_text(json.dumps(good | {"prompt": "p"}) + "\n" + json.dumps({"exclude": [{"class": "x"}], "prompt": "p"}))
+    with pytest.raises(ValueError, match="two different"):
+        read_metadata_file(str(path))

@@ -1,5 +1,7 @@
 """PickScore, aesthetic, HPSv2.1 and ImageReward on tiny real models loaded from disk through the same
 path a hub id takes; every score is checked against the peer's formula computed by hand."""
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -277,3 +279,28 @@ def test_image_reward_official_checkpoint_layout_and_formula(tmp_path):
         ImageRewardScore(checkpoint=str(tmp_path / "odd.pt"), med_config=str(tmp_path / "med_config.json"),
                          tokenizer=tok_dir, vision=dict(hidden_size=VD, intermediate_size=VI, num_hidden_layers=VL,
                                                         num_attention_heads=2, image_size=32, patch_size=8))
+
+
+def test_image_reward_vision_mapping_matches_a_timm_vit():
+    """BLIP's ViT is timm's VisionTransformer (same module names, qkv layout, pre-norm blocks, final norm):
+    timm weights under `blip.visual_encoder.` loaded through the mapping give timm's token features."""
+    timm = pytest.importorskip("timm")
+    from transformers import BlipVisionConfig, BlipVisionModel
+
+    from uniloop.rewards.image_reward import BLIP_VIT_LARGE, convert_official_state_dict
+
+    torch.manual_seed(0)
+    vit = timm.models.vision_transformer.VisionTransformer(
+        img_size=32, patch_size=8, embed_dim=VD, depth=VL, num_heads=2, mlp_ratio=VI / VD, qkv_bias=True,
+        num_classes=0, global_pool="", norm_layer=functools.partial(torch.nn.LayerNorm, eps=1e-6)).eval()
+    with torch.no_grad():  # timm initialises cls/pos to small values; make them matter
+        vit.cls_token.normal_()
+        vit.pos_embed.normal_()
+    state = convert_official_state_dict({f"blip.visual_encoder.{k}": v for k, v in vit.state_dict().items()})
+    hf = BlipVisionModel(BlipVisionConfig(**{**BLIP_VIT_LARGE, "hidden_size": VD, "intermediate_size": VI,
+                                             "num_hidden_layers": VL, "num_attention_heads": 2,
+                                             "image_size": 32, "patch_size": 8})).eval()
+    hf.load_state_dict({k[len("vision."):]: v for k, v in state.items()}, strict=True)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(hf(pixel_values=x).last_hidden_state, vit.forward_features(x), atol=1e-5)
