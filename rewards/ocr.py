@@ -3,8 +3,9 @@
 score = 1 - min(Levenshtein(recognized, target), len(target)) / len(target), 1 if the target occurs in
 the recognized text, both with spaces removed and lower-cased: flow_grpo's `ocr.py` formula. The
 target is the text between the first pair of double quotes of the prompt (`prompt.split('"')[1]` as
-flow_grpo takes it; typographic quotes “...” are accepted when no ASCII pair exists), or the sample's
-`targets` entry when the batch carries one.
+flow_grpo takes it; typographic quotes “...” are accepted when no ASCII pair exists). With
+`use_targets: true` the sample's non-empty `targets` entry is the text instead (rollout jobs with a
+`target` field); it is off by default because training image tasks put the prompt's color word there.
 
 Difference from flow_grpo: flow_grpo reads the image with PaddleOCR (a text detector + recognizer;
 not pip-installable offline here). This reward runs a transformers image-to-text OCR model
@@ -66,7 +67,7 @@ class OcrReward(Reward):
 
     def __init__(self, model: str = "microsoft/trocr-base-printed", processor: str | None = None,
                  device: str = "cpu", dtype: str = "float32", batch_size: int = 8, max_new_tokens: int = 48,
-                 num_beams: int = 1, use_targets: bool = True):
+                 num_beams: int = 1, use_targets: bool = False):
         from transformers import AutoProcessor, VisionEncoderDecoderModel
 
         self.processor = AutoProcessor.from_pretrained(processor or model)

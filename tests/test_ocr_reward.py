@@ -44,12 +44,18 @@ def test_ocr_reward_reads_and_scores(ocr):
         if e is not None:
             assert s == pytest.approx(e)
     assert out.details["ocr_text"][7] is None  # invalid samples are not even read
-    # a target in the batch wins over the prompt's quotes; batch == one by one
+    # targets are ignored by default (training tasks put a color word there) ...
     batch = image_batch(['says "cat"', "a plain prompt", 'says "dog"'], images[:3], targets=["", "cats", "cat"])
-    got = ocr.score(batch, CTX)
-    assert got.scores.tolist() == pytest.approx([1.0, 1 - 1 / 4, 1.0])
-    for i in range(3):
-        assert ocr.score(batch.select([i]), CTX).scores[0].item() == pytest.approx(got.scores[i].item())
+    assert ocr.score(batch, CTX).valid.tolist() == [True, False, True]
+    # ... and win over the prompt's quotes with use_targets; batch == one by one
+    ocr.use_targets = True
+    try:
+        got = ocr.score(batch, CTX)
+        assert got.scores.tolist() == pytest.approx([1.0, 1 - 1 / 4, 1.0])
+        for i in range(3):
+            assert ocr.score(batch.select([i]), CTX).scores[0].item() == pytest.approx(got.scores[i].item())
+    finally:
+        ocr.use_targets = False
     bad = images[:2].clone()
     bad[0] = float("nan")
     assert ocr.score(image_batch(['"cat"', '"cat"'], bad), CTX).valid.tolist() == [False, True]
