@@ -75,6 +75,8 @@ class HPSReward(Reward):
         return torch.cat(imgs), torch.cat(txts)
 
     def score(self, batch, context: RewardContext) -> RewardOutput:
+        if len(batch) == 0:
+            return RewardOutput(torch.zeros(0), torch.zeros(0, dtype=torch.bool))
         images, ok = split_images(batch.images)
         img, txt = self.embeddings(images, list(batch.prompts))
         s, valid = scores_with_mask((img * txt).sum(-1), ok)  # = diag(img @ txt.T)

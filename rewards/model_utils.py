@@ -36,7 +36,11 @@ def resolve_file(spec: str) -> str:
         raise FileNotFoundError(f"{spec!r} is neither a local file nor a hub file `owner/repo/filename`")
     from huggingface_hub import hf_hub_download
 
-    return hf_hub_download(repo_id="/".join(parts[:2]), filename="/".join(parts[2:]))
+    try:
+        return hf_hub_download(repo_id="/".join(parts[:2]), filename="/".join(parts[2:]))
+    except Exception as e:  # noqa: BLE001 - say that both readings of the string were tried
+        raise FileNotFoundError(f"{spec!r}: no such local file, and the hub file {parts[2:]} of "
+                                f"{'/'.join(parts[:2])!r} could not be fetched ({type(e).__name__}: {e})") from e
 
 
 def load_state_dict(path: str) -> dict:

@@ -5,8 +5,7 @@ import json
 import pytest
 import torch
 
-from test_preference_rewards import CTX, image_batch
-from tiny_reward_models import tiny_clip_dir, tiny_owlv2_dir
+from tiny_reward_models import CTX, image_batch, tiny_clip_dir, tiny_owlv2_dir
 from uniloop.rewards.geneval import (Detection, evaluate, geneval_iou, parse_metadata, relative_position,
                                      select_detections)
 

@@ -5,8 +5,7 @@ import json
 import pytest
 import torch
 
-from test_preference_rewards import CTX, image_batch
-from tiny_reward_models import tiny_clip_dir, tiny_trocr_dir
+from tiny_reward_models import CTX, image_batch, tiny_clip_dir, tiny_trocr_dir
 from uniloop.rewards.base import RewardMixture, RewardSpec, reward_types
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: extra threads only contend
@@ -42,3 +41,15 @@ def test_registered_and_built_from_config_args():
     # the sample whose OCR target is missing is invalid in the total too, never scored 0
     assert out.valid.tolist() == [True, True, False]
     assert torch.allclose(out.total[:2], 0.5 * pick.scores[:2] + 2.0 * text.scores[:2])
+
+
+def test_weight_files_are_local_paths_or_hub_files(tmp_path):
+    from uniloop.rewards.model_utils import resolve_file
+
+    f = tmp_path / "weights.pt"
+    f.write_bytes(b"x")
+    assert resolve_file(str(f)) == str(f)
+    with pytest.raises(FileNotFoundError, match="neither a local file"):
+        resolve_file(str(tmp_path / "missing.pt"))  # an absolute path is never looked up on the hub
+    with pytest.raises(FileNotFoundError, match="could not be fetched"):
+        resolve_file("no-such-owner/no-such-repo/model.pt")  # offline in tests: fails fast, says both

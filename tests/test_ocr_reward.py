@@ -3,8 +3,7 @@ whose weights make greedy decoding read "cat"."""
 import pytest
 import torch
 
-from test_preference_rewards import CTX, image_batch
-from tiny_reward_models import tiny_trocr_dir
+from tiny_reward_models import CTX, image_batch, tiny_trocr_dir
 from uniloop.rewards.ocr import levenshtein, ocr_accuracy, quoted_text
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: extra threads only contend

@@ -6,31 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tiny_reward_models import bert_tokenizer_dir, tiny_clip_dir
-from uniloop.policies.batches import ImageRollout
-from uniloop.rewards.base import RewardContext
+from tiny_reward_models import CTX, as_pil, bert_tokenizer_dir, image_batch, rand_images, tiny_clip_dir
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: extra threads only contend
-
-CTX = RewardContext()
 PROMPTS = ["a photo of a red cat", "a blue dog on a sofa", "a painting"]
-
-
-def image_batch(prompts, images, targets=None):
-    B = len(prompts)
-    z = torch.zeros(B, 1, dtype=torch.long)
-    return ImageRollout(prompts=list(prompts), prompt_ids=z, prompt_mask=z, image_tokens=z,
-                        logprobs_cfg=torch.zeros(B, 1), logprobs_cond=torch.zeros(B, 1), images=images,
-                        group_ids=torch.arange(B), targets=list(targets or []))
-
-
-def rand_images(n, h=40, w=36, seed=0):
-    return torch.rand(n, h, w, 3, generator=torch.Generator().manual_seed(seed))
-
-
-def as_pil(images):
-    from PIL import Image
-    return [Image.fromarray((x * 255).round().clamp(0, 255).to(torch.uint8).numpy()) for x in images]
 
 
 def assert_batch_equals_one_by_one(reward, batch, atol=1e-5):

@@ -5,13 +5,35 @@ from __future__ import annotations
 
 import functools
 import gzip
-import json
 import tempfile
 from pathlib import Path
 
 import torch
 
+from uniloop.policies.batches import ImageRollout
+from uniloop.rewards.base import RewardContext
+
 ROOT = Path(tempfile.mkdtemp(prefix="uniloop_tiny_rewards_"))
+CTX = RewardContext()
+
+
+def image_batch(prompts, images, targets=None):
+    B = len(prompts)
+    z = torch.zeros(B, 1, dtype=torch.long)
+    return ImageRollout(prompts=list(prompts), prompt_ids=z, prompt_mask=z, image_tokens=z,
+                        logprobs_cfg=torch.zeros(B, 1), logprobs_cond=torch.zeros(B, 1), images=images,
+                        group_ids=torch.arange(B), targets=list(targets or []))
+
+
+def rand_images(n, h=40, w=36, seed=0):
+    return torch.rand(n, h, w, 3, generator=torch.Generator().manual_seed(seed))
+
+
+def as_pil(images):
+    from PIL import Image
+    return [Image.fromarray((x * 255).round().clamp(0, 255).to(torch.uint8).numpy()) for x in images]
+
+
 TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                    image_size=32, patch_size=8)
 
