@@ -163,7 +163,7 @@ class DetectorReward(Reward):
         thr = [self.counting_threshold if metas[i].get("tag") == "counting" else self.threshold for i in todo]
         dets = self.detect(pils, [[self.query_template.format(c) for c in cl] for cl in classes], thr)
         scores = torch.full((B,), float("nan"))
-        reasons: list = [e for e in errors]
+        reasons: list = [e if ok[i] else "non-finite pixels" for i, e in enumerate(errors)]
         for k, i in enumerate(todo):
             objs = self.objects(dets[k], classes[k], thr[k])
             v = evaluate(objs, metas[i], lambda d, c, img=pils[k]: self.colors()(img, d, c), self.position_threshold)

@@ -153,7 +153,7 @@ def test_detector_reward_presence_counts_and_invalid(detector):
     assert out.valid.tolist() == [True] * 5 + [False] * 2
     assert out.scores[:5].tolist() == [1.0, 0.0, 0.0, 1.0, 1.0]
     assert "expected cat<3, found 16" in out.details["geneval_reason"][2]
-    assert "not JSON" in out.details["geneval_reason"][5]
+    assert "not JSON" in out.details["geneval_reason"][5] and out.details["geneval_reason"][6] == "non-finite pixels"
     detector.mode = "partial"
     try:
         part = detector.score(batch, CTX)
