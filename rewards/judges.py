@@ -36,7 +36,8 @@ import torch
 from .base import Reward, RewardContext, RewardOutput, register_reward
 from .judge_backends import (DEFAULT_RANGES, REQUIRED_FIELDS, JudgeBackend, JudgeReply, JudgeRequest,
                              LocalJudgeBackend, OpenAIJudgeBackend, TransformersVLM, default_template, fill_template)
-from .parsing import DEFAULT_TIE_PATTERN, MODES, PAIRWISE_MODES, POINTWISE_MODES, parse_verdict
+from .parsing import (DEFAULT_TIE_PATTERN, MODES, PAIRWISE_MODES, POINTWISE_MODES, parse_dimension_scores,
+                      parse_pairwise_dimension_scores, parse_verdict)
 from .tiny_judge import build_tiny_vlm_judge, default_tiny_judge_dir
 
 
@@ -72,6 +73,8 @@ class VLMJudge(Reward):
     mode, cot, template, score_range, normalize (`unit`: (x - low) / (high - low); `none`: raw),
     integer, allow_tie, tie_pattern, labels, several (`reject`|`last`), pairing (`all`|`ring`),
     both_orders (judge each pair in both orders and average: cancels position bias),
+    verdict (`classic`: Final Score / "Image N is better"; `unifiedreward2`: UnifiedReward-2.0's per-dimension
+    scores), dimension (with unifiedreward2: `mean`, `final`, or a dimension name such as `alignment`),
     backend (`local`|`remote`), model, max_new_tokens, temperature,
     local: device, dtype, batch_size, attn_implementation, cache_dir + tiny (for `model: tiny`),
     remote: base_url, api_key_env, concurrency, timeout, max_retries, backoff, max_backoff, extra_body.
@@ -84,7 +87,7 @@ class VLMJudge(Reward):
                  normalize: str = "unit", integer: bool = False, allow_tie: bool = False,
                  tie_pattern: str = DEFAULT_TIE_PATTERN, labels: list[str] | None = None, several: str = "reject",
                  pairing: str = "all", both_orders: bool = False, max_new_tokens: int = 256,
-                 temperature: float = 0.0,
+                 temperature: float = 0.0, verdict: str = "classic", dimension: str = "mean",
                  device: str = "cpu", dtype: str = "float32", batch_size: int = 8,
                  attn_implementation: str | None = None, cache_dir: str | None = None, tiny: dict | None = None,
                  base_url: str | None = None, api_key_env: str | None = None, concurrency: int = 8,
@@ -109,6 +112,11 @@ class VLMJudge(Reward):
         self.labels = tuple(str(x) for x in (labels or ("1", "2")))
         self.allow_tie, self.tie_pattern, self.several = allow_tie, tie_pattern, several
         self.pairing, self.both_orders = pairing, both_orders
+        if verdict not in ("classic", "unifiedreward2"):
+            raise ValueError(f"judge verdict must be 'classic' or 'unifiedreward2', got {verdict!r}")
+        if verdict == "unifiedreward2" and not mode.startswith("generation"):
+            raise ValueError("judge verdict 'unifiedreward2' reads image verdicts: use a generation_* mode")
+        self.verdict, self.dimension = verdict, dimension
         self.modalities = ("image",) if mode.startswith("generation") else ("text",)
         if backend == "local":
             path = model
@@ -131,6 +139,8 @@ class VLMJudge(Reward):
     def parse(self, reply: JudgeReply):
         if reply.error is not None:
             return None, reply.error
+        if self.verdict == "unifiedreward2":
+            return self.parse_dimensions(reply)
         v = parse_verdict(reply.text, self.mode, score_range=(self.low, self.high), cot=self.cot,
                           finished=reply.finished, allow_tie=self.allow_tie, labels=self.labels,
                           integer=self.integer, several=self.several, tie_pattern=self.tie_pattern)
@@ -139,6 +149,25 @@ class VLMJudge(Reward):
         if self.mode in POINTWISE_MODES and self.normalize == "unit":
             return (v.value - self.low) / (self.high - self.low), None
         return v.value, None
+
+    def parse_dimensions(self, reply: JudgeReply):
+        """UnifiedReward-2.0's multi-dimension verdicts, reduced to one number by `dimension` (`mean` of the
+        dimensions, `final`, or one dimension's name); pairwise: image 1's share of the comparison."""
+        if self.mode in PAIRWISE_MODES:
+            v = parse_pairwise_dimension_scores(reply.text, None, cot=self.cot, finished=reply.finished)
+        else:
+            v = parse_dimension_scores(reply.text, self.low, self.high, None, cot=self.cot, finished=reply.finished)
+        if not v.ok:
+            return None, v.error
+        try:
+            value = v.value(self.dimension)
+        except ValueError as e:
+            return None, str(e)
+        if value is None:
+            return None, f"no {self.dimension!r} score in the verdict"
+        if self.mode in POINTWISE_MODES and self.normalize == "unit":
+            return (value - self.low) / (self.high - self.low), None
+        return value, None
 
     def score_pointwise(self, images, fields: list[dict]) -> RewardOutput:
         """One request per sample: image i with template fields[i]."""

@@ -178,3 +178,148 @@ def parse_verdict(text: str | None, mode: str, *, score_range: tuple[float, floa
         return parse_preference(text, subject, labels, allow_tie=allow_tie, tie_pattern=tie_pattern, cot=cot,
                                 finished=finished, several=several)
     raise ValueError(f"unknown judge mode {mode!r}; known: {', '.join(MODES)}")
+
+
+# ----------------------------------------------------------------------------- UnifiedReward-2.0
+# Multi-dimension verdicts of the UnifiedReward-2.0 checkpoints (CodeGoat24/UnifiedReward,
+# `inference_qwen/UnifiedReward-2.0-inference/`). Pointwise, one line per dimension and optionally a
+# final score:
+#     Alignment Score (1-5): 2.694700002670288
+#     Coherence Score (1-5): 2.371500015258789
+#     Style Score (1-5): 2.802500009536743
+# Pairwise, a block per dimension whose two relative scores sum to 1:
+#     Alignment Score:
+#      Image 1: 0.435699999332428
+#      Image 2: 0.564300000667572
+# Rules 1-4 above apply (empty, truncated, markdown, <answer> block). Then: every expected dimension
+# exactly once (a repeated one -> unparseable, even if equal); the value a plain number ending the line
+# (rule 6's number, nothing but spaces or a final '.' after it); a written range must be the configured
+# one; values in range; pairwise: exactly one "Image 1:" and one "Image 2:" per block, both in [0, 1],
+# summing to 1 within `sum_tol`. Any violation -> unparseable (invalid), never 0.
+
+UR2_DIMENSIONS = ("alignment", "coherence", "style")
+_DIM_LINE = re.compile(r"^[ \t]*([A-Za-z][A-Za-z ]*?)[ \t]+Score[ \t]*(?:\(([^)]*)\))?[ \t]*[:：=][ \t]*(.*)$",
+                       re.I | re.M)
+_RANGE = re.compile(r"^\s*" + _NUMBER + r"\s*[-–~]\s*" + _NUMBER + r"\s*$")
+_LINE_NUMBER = re.compile(r"^" + _NUMBER + r"\s*\.?\s*$")
+# "Image 1: x": the value runs to the line end or to the next "Image N:" on the same line
+_PAIR_ITEM = re.compile(r"\b(Image|Answer)\s*([0-9]+)\s*[:：=][ \t]*([^\n]*?)[ \t]*"
+                        r"(?=\b(?:Image|Answer)\s*[0-9]+\s*[:：=]|\n|$)", re.I)
+
+
+@dataclass(frozen=True)
+class DimensionVerdict:
+    """Parsed multi-dimension verdict: `scores` per dimension (lower-case name -> float, or -> (s1, s2)
+    for pairwise), the optional `final` score, or `error` when unparseable."""
+
+    scores: dict | None
+    final: float | None = None
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.scores is not None
+
+    def value(self, use: str = "mean") -> float | None:
+        """One number: `mean` of the dimensions (pointwise) or of image 1's shares (pairwise), a dimension's
+        own score, or `final` (None when the verdict had no final score)."""
+        if not self.ok:
+            return None
+        if use == "final":
+            return self.final
+        vals = {k: (v[0] / (v[0] + v[1]) if isinstance(v, tuple) else v) for k, v in self.scores.items()}
+        if use == "mean":
+            return sum(vals.values()) / len(vals)
+        if use.lower() not in vals:
+            raise ValueError(f"no dimension {use!r} in the verdict (has {sorted(vals)})")
+        return vals[use.lower()]
+
+
+def _dimension_lines(region: str):
+    """(name, range text or None, value text) for every '<Name> Score [(range)]: value' line."""
+    for m in _DIM_LINE.finditer(region):
+        yield " ".join(m.group(1).lower().split()), m.group(2), m.group(3).strip()
+
+
+def parse_dimension_scores(text: str | None, low: float = 1, high: float = 5,
+                           dimensions: tuple[str, ...] | None = UR2_DIMENSIONS, *, cot: bool = False,
+                           finished: bool = True) -> DimensionVerdict:
+    """UnifiedReward-2.0 pointwise verdict: one `<Dim> Score (low-high): X` line per dimension.
+
+    dimensions: the names that must all appear (others are kept too); None = whatever appears (>= 1).
+    A `Final Score: X` line, when present, must also be a valid number in range (it is `final`)."""
+    region, why = verdict_region(text, cot, finished)
+    if region is None:
+        return DimensionVerdict(None, error=why)
+    scores: dict[str, float] = {}
+    final = None
+    for name, rng, raw in _dimension_lines(region):
+        if rng is not None:
+            r = _RANGE.match(rng)
+            if r is None or (float(r.group(1)), float(r.group(2))) != (float(low), float(high)):
+                return DimensionVerdict(None, error=f"{name} score given on range ({rng}), expected ({low:g}-{high:g})")
+        m = _LINE_NUMBER.match(raw)
+        if m is None:
+            return DimensionVerdict(None, error=f"{name} score {raw!r} is not a single number")
+        value = float(m.group(1))
+        if not (low <= value <= high):
+            return DimensionVerdict(None, error=f"{name} score {m.group(1)} out of range [{low:g}, {high:g}]")
+        if name == "final":
+            if final is not None:
+                return DimensionVerdict(None, error="several 'Final Score' lines")
+            final = value
+            continue
+        if name in scores:
+            return DimensionVerdict(None, error=f"several '{name} score' lines")
+        scores[name] = value
+    missing = [d for d in (dimensions or ()) if d.lower() not in scores]
+    if missing:
+        return DimensionVerdict(None, error=f"missing dimension(s): {', '.join(missing)}")
+    if not scores:
+        return DimensionVerdict(None, error="no '<dimension> Score: X' line")
+    return DimensionVerdict(scores, final)
+
+
+def parse_pairwise_dimension_scores(text: str | None, dimensions: tuple[str, ...] | None = UR2_DIMENSIONS, *,
+                                    subject: str = "Image", sum_tol: float = 0.02, cot: bool = False,
+                                    finished: bool = True) -> DimensionVerdict:
+    """UnifiedReward-2.0 pairwise verdict: per dimension a `<Dim> Score:` header followed by
+    `Image 1: x` and `Image 2: y` (x, y in [0, 1], x + y = 1 within sum_tol). scores[dim] = (x, y)."""
+    region, why = verdict_region(text, cot, finished)
+    if region is None:
+        return DimensionVerdict(None, error=why)
+    heads = list(_DIM_LINE.finditer(region))
+    scores: dict[str, tuple[float, float]] = {}
+    for k, h in enumerate(heads):
+        name = " ".join(h.group(1).lower().split())
+        end = heads[k + 1].start() if k + 1 < len(heads) else len(region)
+        block = region[h.start(3):end]  # the rest of the header line, then the block's lines
+        items = [m for m in _PAIR_ITEM.finditer(block) if m.group(1).lower() == subject.lower()]
+        got: dict[str, float] = {}
+        for m in items:
+            raw = m.group(3).rstrip(".,;/ \t")
+            if not re.fullmatch(_NUMBER, raw):
+                return DimensionVerdict(None, error=f"{name}: {subject} {m.group(2)} score {m.group(3)!r} is not a number")
+            if m.group(2) not in ("1", "2"):
+                return DimensionVerdict(None, error=f"{name}: unknown label '{subject} {m.group(2)}'")
+            if m.group(2) in got:
+                return DimensionVerdict(None, error=f"{name}: several '{subject} {m.group(2)}' scores")
+            got[m.group(2)] = float(raw)
+        if set(got) != {"1", "2"}:
+            return DimensionVerdict(None, error=f"{name}: needs one '{subject} 1' and one '{subject} 2' score")
+        x, y = got["1"], got["2"]
+        if not (0 <= x <= 1 and 0 <= y <= 1):
+            return DimensionVerdict(None, error=f"{name}: scores {x:g}, {y:g} outside [0, 1]")
+        if sum_tol is not None and abs(x + y - 1) > sum_tol:
+            return DimensionVerdict(None, error=f"{name}: scores {x:g} + {y:g} do not sum to 1")
+        if x + y == 0:
+            return DimensionVerdict(None, error=f"{name}: both scores are 0")
+        if name in scores:
+            return DimensionVerdict(None, error=f"several '{name} score' blocks")
+        scores[name] = (x, y)
+    missing = [d for d in (dimensions or ()) if d.lower() not in scores]
+    if missing:
+        return DimensionVerdict(None, error=f"missing dimension(s): {', '.join(missing)}")
+    if not scores:
+        return DimensionVerdict(None, error=f"no '<dimension> Score:' block with {subject} 1 / {subject} 2")
+    return DimensionVerdict(scores)
