@@ -11,16 +11,9 @@ import os
 import numpy as np
 import torch
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+from ..policies.sampling import resolve_dtype
 
-
-def torch_dtype(name: str | torch.dtype) -> torch.dtype:
-    if isinstance(name, torch.dtype):
-        return name
-    if name not in DTYPES:
-        raise ValueError(f"unknown dtype {name!r}; use one of {sorted(DTYPES)}")
-    return DTYPES[name]
+torch_dtype = resolve_dtype  # "bfloat16" / "bf16" / torch.bfloat16 -> torch.bfloat16
 
 
 def resolve_file(spec: str) -> str:
