@@ -87,6 +87,7 @@ class ImageRollout(_Batch):
     cfg_scale: float = 1.0
     temperature: float = 1.0
     top_k: int = 0
+    entropy: torch.Tensor | None = None  # (B, T) entropy of the distribution each token was drawn from
 
     kind = "image"
 
@@ -120,6 +121,7 @@ class TextRollout(_Batch):
     targets: list[str] = field(default_factory=list)  # reference answers, for rule rewards
     version: int = 0
     temperature: float = 1.0
+    entropy: torch.Tensor | None = None  # (B, A) entropy of each answer token's distribution (0 where masked)
 
     kind = "text"
 
@@ -192,7 +194,8 @@ def _right_pad_answers(b: TextRollout, A: int):
     pad_id = int(b.answer_ids[b.answer_mask == 0][0]) if (b.answer_mask == 0).any() else 0
     z = lambda t, v: torch.cat([t, t.new_full((t.shape[0], extra), v)], 1)  # noqa: E731
     return replace(b, answer_ids=z(b.answer_ids, pad_id), answer_mask=z(b.answer_mask, 0),
-                   logprobs_sampled=z(b.logprobs_sampled, 0.0))
+                   logprobs_sampled=z(b.logprobs_sampled, 0.0),
+                   entropy=z(b.entropy, 0.0) if b.entropy is not None else None)
 
 
 def concat_rollouts(parts: list):

@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .sampling import filter_top_k, guided_logits, inverse_cdf_sample, positions_from_mask, uniforms_for
+from .sampling import cache_kwargs, entropy_of, filter_top_k, guided_logits, inverse_cdf_sample, positions_from_mask, uniforms_for
 
 SAMPLERS = ("auto", "plain", "fast")
 
@@ -91,6 +91,7 @@ class _Workspace:
     tokens: torch.Tensor  # (B, T) long
     lp_cfg: torch.Tensor  # (B, T) float32
     lp_cond: torch.Tensor  # (B, T) float32
+    entropy: torch.Tensor  # (B, T) float32 entropy of the distribution each token was drawn from
     graphs: dict = field(default_factory=dict)
     warmed: bool = False
 
@@ -189,7 +190,8 @@ class FastImageSampler:
             uniforms=torch.zeros(batch, T, dtype=torch.float64, device=dev),
             tokens=torch.zeros(batch, T, dtype=torch.long, device=dev),
             lp_cfg=torch.zeros(batch, T, dtype=torch.float32, device=dev),
-            lp_cond=torch.zeros(batch, T, dtype=torch.float32, device=dev))
+            lp_cond=torch.zeros(batch, T, dtype=torch.float32, device=dev),
+            entropy=torch.zeros(batch, T, dtype=torch.float32, device=dev))
         return self.ws
 
     # ------------------------------------------------------------------ the step (captured on CUDA)
@@ -212,6 +214,7 @@ class FastImageSampler:
         ws.tokens.index_copy_(1, ws.step, idx)
         ws.lp_cfg.index_copy_(1, ws.step, guided.gather(-1, idx))
         ws.lp_cond.index_copy_(1, ws.step, F.log_softmax(cond / temp, -1).gather(-1, idx))
+        ws.entropy.index_copy_(1, ws.step, entropy_of(guided)[:, None])
         ws.tok_prev.copy_(tok)
         ws.step.add_(1)
         ws.pos.add_(1)
@@ -370,7 +373,7 @@ class FastImageSampler:
         cache = DynamicCache()
         pos = positions_from_mask(mask2)
         out = policy._lm(inputs_embeds=policy._embed(ids2), attention_mask=mask2, position_ids=pos,
-                         past_key_values=cache, use_cache=True)
+                         use_cache=True, **cache_kwargs(cache))
         for i in range(self.lm.config.num_hidden_layers):
             k, v = _cache_layer_kv(cache, i)
             ws.keys[i][:, :, :P].copy_(k)
@@ -399,7 +402,7 @@ class FastImageSampler:
         if timed:
             self.last_decode_events[1].record()
         self.last_decode_steps = T - 1
-        return ws.tokens.clone(), ws.lp_cfg.clone(), ws.lp_cond.clone()
+        return ws.tokens.clone(), ws.lp_cfg.clone(), ws.lp_cond.clone(), ws.entropy.clone()
 
     def last_decode_ms_per_step(self) -> float:
         """Mean device time of one decode step in the last call (CUDA only; synchronises)."""

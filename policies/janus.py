@@ -13,6 +13,7 @@ worker or device it was drawn in.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from pathlib import Path
 
 import torch
@@ -20,8 +21,8 @@ import torch.nn.functional as F
 
 from .batches import ImageRollout, TextRollout
 from .fast_sampler import choose_sampler, fast_sampler_for
-from .sampling import (filter_top_k, guided_logits, inverse_cdf_sample, positions_from_mask, resolve_dtype,
-                       selective_log_softmax, uniforms_for)
+from .sampling import (cache_kwargs, entropy_of, filter_top_k, guided_logits, inverse_cdf_sample, positions_from_mask,
+                       resolve_dtype, selective_log_softmax, uniforms_for)
 
 LORA_TARGET_REGEX = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)"
 
@@ -98,7 +99,9 @@ class JanusPolicy:
             self.model = prepare_model_for_kbit_training(self.model, use_gradient_checkpointing=False)
         config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
                             init_lora_weights=True)
-        self.model = get_peft_model(self.model, config)
+        with warnings.catch_warnings():  # PEFT asks transformers' deprecated `is_gradient_checkpointing`
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            self.model = get_peft_model(self.model, config)
         return self
 
     def load_adapter(self, path: str | Path, trainable: bool = True):
@@ -189,13 +192,14 @@ class JanusPolicy:
         B = len(prompts)
         ids, mask = self.encode_generation_prompts(prompts)
         if choose_sampler(sampler, self.device) == "fast":
-            tokens, lp_cfg, lp_cond = fast_sampler_for(self).sample(ids, mask, seeds, cfg_scale, temperature, top_k)
+            tokens, lp_cfg, lp_cond, ent = fast_sampler_for(self).sample(ids, mask, seeds, cfg_scale, temperature,
+                                                                          top_k)
         else:
-            tokens, lp_cfg, lp_cond = self._sample_tokens_plain(ids, mask, seeds, cfg_scale, temperature, top_k)
+            tokens, lp_cfg, lp_cond, ent = self._sample_tokens_plain(ids, mask, seeds, cfg_scale, temperature, top_k)
         images = self.decode(tokens) if decode else torch.zeros(B, 0, 0, 3)
         return ImageRollout(
             prompts=list(prompts), prompt_ids=ids.cpu(), prompt_mask=mask.cpu(), image_tokens=tokens.cpu(),
-            logprobs_cfg=lp_cfg.cpu(), logprobs_cond=lp_cond.cpu(), images=images.cpu(),
+            logprobs_cfg=lp_cfg.cpu(), logprobs_cond=lp_cond.cpu(), images=images.cpu(), entropy=ent.cpu(),
             group_ids=torch.as_tensor(group_ids if group_ids is not None else range(B)).long(),
             targets=list(targets or []), version=self.version, cfg_scale=float(cfg_scale),
             temperature=float(temperature), top_k=int(top_k))
@@ -214,10 +218,11 @@ class JanusPolicy:
         tokens = torch.empty(B, T, dtype=torch.long, device=self.device)
         lp_cfg = torch.empty(B, T, dtype=torch.float32, device=self.device)
         lp_cond = torch.empty_like(lp_cfg)
+        ent = torch.empty_like(lp_cfg)
         cache = DynamicCache()
         pos = positions_from_mask(mask2)
         out = self._lm(inputs_embeds=self._embed(ids2), attention_mask=mask2, position_ids=pos,
-                       past_key_values=cache, use_cache=True)
+                       use_cache=True, **cache_kwargs(cache))
         next_pos = pos[:, -1:] + 1
         for t in range(T):
             logits = self.janus.model.generation_head(out.last_hidden_state[:, -1]).float()
@@ -228,14 +233,15 @@ class JanusPolicy:
             tokens[:, t] = tok
             lp_cfg[:, t] = guided.gather(-1, tok[:, None]).squeeze(-1)
             lp_cond[:, t] = F.log_softmax(cond / temp, -1).gather(-1, tok[:, None]).squeeze(-1)
+            ent[:, t] = entropy_of(guided)
             if t == T - 1:
                 break
             step_tok = torch.cat([tok, tok]) if use_cfg else tok
             mask2 = torch.cat([mask2, mask2.new_ones(mask2.shape[0], 1)], 1)
             out = self._lm(inputs_embeds=self._image_token_embeds(step_tok[:, None]), attention_mask=mask2,
-                           position_ids=next_pos, past_key_values=cache, use_cache=True)
+                           position_ids=next_pos, use_cache=True, **cache_kwargs(cache))
             next_pos = next_pos + 1
-        return tokens, lp_cfg, lp_cond
+        return tokens, lp_cfg, lp_cond, ent
 
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor, chunk: int = 16) -> torch.Tensor:
@@ -308,10 +314,11 @@ class JanusPolicy:
         cache = DynamicCache()
         pos = positions_from_mask(mask)
         out = self.janus(input_ids=ids, pixel_values=pixel_values, attention_mask=mask, position_ids=pos,
-                         past_key_values=cache, use_cache=True, logits_to_keep=1)
+                         use_cache=True, **cache_kwargs(cache), logits_to_keep=1)
         answer = torch.full((B, max_new_tokens), pad, dtype=torch.long, device=self.device)
         amask = torch.zeros(B, max_new_tokens, dtype=torch.long, device=self.device)
         lps = torch.zeros(B, max_new_tokens, dtype=torch.float32, device=self.device)
+        ent = torch.zeros_like(lps)
         done = torch.zeros(B, dtype=torch.bool, device=self.device)
         next_pos, cur_mask = pos[:, -1:] + 1, mask
         for t in range(max_new_tokens):
@@ -322,18 +329,19 @@ class JanusPolicy:
             answer[:, t] = tok
             amask[:, t] = (~done).long()
             lps[:, t] = logp.gather(-1, tok[:, None]).squeeze(-1).masked_fill(done, 0.0)
+            ent[:, t] = entropy_of(logp).masked_fill(done, 0.0)
             done = done | (tok == eos)
             if bool(done.all()) or t == max_new_tokens - 1:
                 break
             cur_mask = torch.cat([cur_mask, cur_mask.new_ones(B, 1)], 1)
             out = self.janus(input_ids=tok[:, None], attention_mask=cur_mask, position_ids=next_pos,
-                             past_key_values=cache, use_cache=True)
+                             use_cache=True, **cache_kwargs(cache))
             next_pos = next_pos + 1
         texts = self.tokenizer.batch_decode(answer.masked_fill(amask == 0, pad), skip_special_tokens=True)
         return TextRollout(
             prompts=list(questions), images=images.cpu().float(), prompt_ids=ids.cpu(), prompt_mask=mask.cpu(),
             pixel_values=pixel_values.cpu(), answer_ids=answer.cpu(), answer_mask=amask.cpu(),
-            logprobs_sampled=lps.cpu(), answers=[s.strip() for s in texts],
+            logprobs_sampled=lps.cpu(), entropy=ent.cpu(), answers=[s.strip() for s in texts],
             group_ids=torch.as_tensor(group_ids if group_ids is not None else range(B)).long(),
             targets=list(targets or []), version=self.version, temperature=float(temperature))
 

@@ -7,8 +7,29 @@ precision.
 """
 from __future__ import annotations
 
+import inspect
+import logging
+
 import torch
 import torch.nn.functional as F
+
+# bitsandbytes logs this at import on CPUs with AVX512-BF16 when the optional `kernels` package (a hub
+# download) is absent; its own fallback kernel is used, so the line only alarms users.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+
+def cache_kwargs(cache) -> dict:
+    """The KV-cache keyword of a transformers forward: `cache` since transformers 5.24 (the old
+    `past_key_values` still works there but warns on every call), `past_key_values` before."""
+    return {_CACHE_KEYWORD: cache}
+
+
+def _cache_keyword() -> str:
+    from transformers.models.llama.modeling_llama import LlamaModel
+    return "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
+
+
+_CACHE_KEYWORD = _cache_keyword()
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
@@ -41,6 +62,13 @@ def inverse_cdf_sample(logprobs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     cdf = logprobs.double().exp().cumsum(-1)
     idx = torch.searchsorted(cdf, (u * cdf[..., -1]).unsqueeze(-1)).squeeze(-1)
     return idx.clamp_(max=logprobs.shape[-1] - 1)
+
+
+def entropy_of(logprobs: torch.Tensor) -> torch.Tensor:
+    """Entropy of each distribution given as log-probs over the last dim (-inf entries allowed: they
+    contribute 0, not NaN). Logged as the policy's entropy: a collapsing policy shows it falling."""
+    p = logprobs.exp()
+    return -(p * logprobs.masked_fill(p == 0, 0.0)).sum(-1)
 
 
 def guided_logits(cond: torch.Tensor, uncond: torch.Tensor | None, cfg_scale: float) -> torch.Tensor:

@@ -47,6 +47,26 @@ class ColorReward(Reward):
         return RewardOutput.from_scores(scores)
 
 
+@register_reward("color_accuracy")
+class ColorAccuracyReward(ColorReward):
+    """1 if the image's mean color is nearest (among `colors`) to the color the prompt names, else 0:
+    a verifiable "did it draw the right color" rate, e.g. as an evaluation metric at `weight: 0`.
+    `details["nearest_color"]` holds each image's nearest color name."""
+
+    def score(self, batch, context: RewardContext) -> RewardOutput:
+        names = list(self.colors)
+        table = torch.tensor([self.colors[n] for n in names], dtype=torch.float32)
+        scores = torch.full((len(batch),), float("nan"))
+        nearest = []
+        for i, prompt in enumerate(batch.prompts):
+            mean = batch.images[i].float().reshape(-1, 3).mean(0)
+            nearest.append(names[int((table - mean).norm(dim=-1).argmin())])
+            name = batch.targets[i] if batch.targets and batch.targets[i] else named_color(prompt)
+            if name in self.colors:
+                scores[i] = float(nearest[-1] == name)
+        return RewardOutput.from_scores(scores, {"nearest_color": nearest})
+
+
 def normalize_answer(text: str) -> str:
     """Lower-case, strip punctuation, articles and extra whitespace (SQuAD-style)."""
     text = text.lower().translate(str.maketrans("", "", string.punctuation))

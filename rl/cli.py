@@ -58,6 +58,26 @@ def print_summary(summary: dict):
             print(f"  {k:40s} first 10%: {v['first_10pct']:.4f}   last 10%: {v['last_10pct']:.4f}")
         elif isinstance(v, dict) and "initial" in v:
             print(f"  {k:40s} step {v['initial_step']}: {v['initial']:.4f}   step {v['final_step']}: {v['final']:.4f}")
+    print_prompt_table(summary.get("per_prompt"))
+
+
+def print_prompt_table(table: dict | None, max_rows: int = 24):
+    """Per prompt, each reward at the first -> the last evaluation (the worst final ones when there are many)."""
+    if not table or not table.get("prompts"):
+        return
+    rows = table["prompts"]
+    metrics = sorted({m for r in rows.values() for m in r}, key=lambda m: (m != "total", m))
+    fmt = lambda x: "  -  " if x is None else f"{x:.2f}"  # noqa: E731
+    print(f"per prompt, evaluation at step {table['initial_step']} -> step {table['final_step']}:")
+    print("  " + f"{'prompt':34s}" + "".join(f"{m[:16]:>18s}" for m in metrics))
+    keys = list(rows)
+    if len(keys) > max_rows:
+        keys = sorted(keys, key=lambda k: rows[k].get("total", {}).get("final") or 0.0)[:max_rows]
+        print(f"  ({len(rows) - max_rows} more in summary.json; the {max_rows} lowest final totals:)")
+    for k in keys:
+        cells = "".join(f"{fmt(rows[k].get(m, {}).get('initial')) + ' -> ' + fmt(rows[k].get(m, {}).get('final')):>18s}"
+                        for m in metrics)
+        print(f"  {k[:34]:34s}{cells}")
 
 
 def config_help_main(argv=None) -> int:
@@ -83,6 +103,9 @@ def main(argv=None) -> int:
               "  config-help  list every config key with its type, default and help")
         return 0
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not sys.stderr.isatty():  # in a log file, per-file "Loading weights" bars are noise
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("TQDM_DISABLE", "1")
     cmd, rest = argv[0], argv[1:]
     if cmd == "train":
         return train_main(rest)

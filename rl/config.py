@@ -130,6 +130,9 @@ class GRPOConfig(OptimizerConfig):
     max_invalid_fraction: float = uf(0.5, "Abort when the fraction of samples with an invalid reward stays "
                                      "above this for `invalid_patience` steps.")
     invalid_patience: int = uf(3, "Consecutive steps above max_invalid_fraction before aborting.")
+    flat_group_warning: float = uf(0.9, "Warn when at least this fraction of prompt groups has identical rewards "
+                                   "(no learning signal) ...")
+    flat_group_patience: int = uf(10, "... for this many consecutive steps (0 = never warn).")
     eval_samples_per_prompt: int = uf(4, "Samples per task prompt at each evaluation (grpo.eval_steps).")
     eval_steps: int = uf(0, "Evaluate before the first step and every N steps (0 = never): every task prompt "
                          "sampled eval_samples_per_prompt times with fixed seeds, scored by the reward mixture, "

@@ -7,6 +7,7 @@ Diffusion-DPO every `dpo.eval_steps`. Metrics: eval/reward/<name>/mean, eval/rew
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -39,12 +40,13 @@ def eval_requests(tasks, samples_per_prompt: int) -> list[RolloutRequest]:
 
 @torch.no_grad()
 def evaluate_samples(worker, requests: list[RolloutRequest], rewards, policy, step: int,
-                     grid_path: str | Path | None = None) -> dict:
-    """Sample `requests` with `worker` (its policy in eval mode) and score them: eval/reward/* metrics;
-    with `grid_path`, a PNG grid of (up to 32) sampled images with their rewards."""
+                     grid_path: str | Path | None = None, table_path: str | Path | None = None) -> dict:
+    """Sample `requests` with `worker` (its policy in eval mode) and score them: eval/reward/* metrics.
+    With `grid_path`, a PNG grid (a row of samples per prompt, each captioned with its reward); with
+    `table_path`, a JSON table of every prompt's mean rewards (`prompt_table`)."""
     if rewards is None or not requests:
         return {}
-    m = {}
+    m, table = {}, []
     for req in requests:
         batch = worker.generate(req)
         if not rewards.applicable(batch.kind):
@@ -53,8 +55,32 @@ def evaluate_samples(worker, requests: list[RolloutRequest], rewards, policy, st
         for name, out in mix.components.items():
             m[f"eval/reward/{name}/mean"] = out.scores[out.valid].mean().item() if out.valid.any() else float("nan")
         m[f"eval/reward/{batch.kind}/mean"] = mix.total[mix.valid].mean().item() if mix.valid.any() else float("nan")
+        table += prompt_table(batch, mix)
         if batch.kind == "image" and grid_path is not None:
-            k = min(len(batch), 32)
-            save_image_grid(batch.images[:k], [f"{batch.prompts[i]} r={mix.total[i]:.2f}" for i in range(k)],
-                            grid_path)
+            groups = batch.group_ids.unique().tolist()
+            per = max(1, min(8, 32 // max(len(groups), 1)))
+            idx = [i for g in groups[:32] for i in (batch.group_ids == g).nonzero().flatten().tolist()[:per]]
+            save_image_grid(batch.images[idx], [f"{batch.prompts[i]} r={mix.total[i]:.2f}" for i in idx], grid_path,
+                            cols=per)
+    if table_path is not None and table:
+        Path(table_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(table_path).write_text(json.dumps({"step": step, "prompts": table}, indent=1))
     return m
+
+
+def prompt_table(batch, mix) -> list[dict]:
+    """Per prompt of a scored batch (an image prompt, or a question about one image): the number of
+    samples and the mean of the total and of every component over its valid samples."""
+    rows = []
+    for g in batch.group_ids.unique().tolist():
+        idx = (batch.group_ids == g).nonzero().flatten()
+        i0 = int(idx[0])
+        target = batch.targets[i0] if batch.targets else ""
+        row = {"kind": batch.kind, "prompt": batch.prompts[i0], "target": target, "samples": len(idx),
+               "key": f"{batch.kind}: {batch.prompts[i0]}" + (f" [{target}]" if batch.kind == "text" else "")}
+        for name, scores, valid in [("total", mix.total, mix.valid),
+                                    *((n, o.scores, o.valid) for n, o in mix.components.items())]:
+            ok = valid[idx]
+            row[name] = scores[idx][ok].float().mean().item() if ok.any() else None
+        rows.append(row)
+    return rows

@@ -14,6 +14,7 @@ exactly 1 (logged as ratio/first_step_max_abs_dev).
 from __future__ import annotations
 
 import math
+import sys
 import time
 
 import numpy as np
@@ -25,7 +26,7 @@ from ..rollouts.pipeline import make_pool, sample_and_score, scoring_chunks
 from .losses import ADVANTAGE_ESTIMATORS, LossNorm, aggregate_with, grpo_token_loss, lookup
 from .registry import register_algorithm
 from .tasks import build_tasks
-from .trainer import StepResult, Trainer, index_chunks, reward_metrics
+from .trainer import StepResult, Trainer, health_metrics, index_chunks, reward_metrics
 
 
 @register_algorithm("grpo")
@@ -38,6 +39,7 @@ class GRPOTrainer(Trainer):
         if self.rewards is None:
             raise ValueError("grpo scores rollouts with the reward mixture: configure `rewards`")
         self.tasks = self.eval_tasks = self.build_tasks()
+        self.flat_streak = 0  # consecutive steps with most groups flat (watch_learning_signal)
         # In-process sampling shares the learner's policy object; a Ray pool ships adapter tensors.
         self.workers = worker_pool or make_pool(self.policy, self.spec, self.sampling, self.cfg.rollout,
                                                 self.cfg.seed, self.cfg.ray)
@@ -62,10 +64,22 @@ class GRPOTrainer(Trainer):
         t1 = time.perf_counter()
         self.new_version()
         self.step = step
-        metrics = {**reward_metrics(scored, self.rewards), **update_metrics, **times, "time/update": t1 - t0,
-                   "adapter/version": self.policy.version, **self.workers.metrics()}
+        metrics = {**reward_metrics(scored, self.rewards), **health_metrics(scored), **update_metrics, **times,
+                   "time/update": t1 - t0, "adapter/version": self.policy.version, **self.workers.metrics()}
         self.check_invalid(metrics)
+        self.watch_learning_signal(metrics)
         return StepResult(metrics, scored)
+
+    def watch_learning_signal(self, metrics: dict):
+        """Warn when most groups have had identical rewards for grpo.flat_group_patience steps: their
+        advantages are 0, so the run is not learning from them (collapse, too easy or too hard a task)."""
+        g, flat = self.opt, metrics["health/flat_group_fraction"]
+        self.flat_streak = self.flat_streak + 1 if flat >= g.flat_group_warning else 0
+        if g.flat_group_patience and self.flat_streak and self.flat_streak % g.flat_group_patience == 0:
+            ent = "  ".join(f"{k} {v:.3f}" for k, v in metrics.items() if k.startswith("entropy/"))
+            print(f"warning: step {self.step}: no learning signal: {flat:.0%} of groups have identical rewards "
+                  f"(for {self.flat_streak} steps; {ent}). The policy may have collapsed onto one output per prompt: "
+                  f"see README 'Training health'", file=sys.stderr, flush=True)
 
     def set_advantages(self, sb: ScoredBatch):
         g = self.opt

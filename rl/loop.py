@@ -37,7 +37,8 @@ def run(trainer: Trainer, resume: bool = False) -> dict:
         logger.truncate_after(trainer.step)
         print(f"resumed from step {trainer.step} ({latest_checkpoint(run_dir)})")
     total = trainer.max_steps
-    progress = Progress(total, trainer.step, type(trainer).__name__, enabled=log_cfg.progress_bar)
+    progress = Progress(total, trainer.step, getattr(trainer, "algorithm_name", type(trainer).__name__),
+                        enabled=log_cfg.progress_bar)
     try:
         if trainer.step == 0:
             start = dict(trainer.start_metrics())
@@ -64,6 +65,7 @@ def run(trainer: Trainer, resume: bool = False) -> dict:
         logger.close()
         trainer.close()
     summary = summarize(read_metrics(run_dir / "metrics.jsonl"))
+    summary.update(per_prompt_summary(run_dir / "eval_samples"))
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
@@ -93,6 +95,23 @@ def summarize(rows: list[dict]) -> dict:
             out[key] = {"initial": vals[0][1], "final": vals[-1][1], "initial_step": vals[0][0],
                         "final_step": vals[-1][0]}
     return out
+
+
+PROMPT_TABLE_FIELDS = ("kind", "prompt", "target", "samples", "key")
+
+
+def per_prompt_summary(eval_dir: Path) -> dict:
+    """Every prompt's rewards at the first and the last evaluation (rl/evaluate.py writes a table per
+    evaluation): a policy that collapses onto one output for every prompt shows here, not in a mean."""
+    tables = sorted(Path(eval_dir).glob("step_*.json"))
+    if not tables:
+        return {}
+    first, last = (json.loads(p.read_text()) for p in (tables[0], tables[-1]))
+    before = {r["key"]: r for r in first["prompts"]}
+    prompts = {r["key"]: {k: {"initial": before.get(r["key"], {}).get(k), "final": v}
+                          for k, v in r.items() if k not in PROMPT_TABLE_FIELDS}
+               for r in last["prompts"]}
+    return {"per_prompt": {"initial_step": first["step"], "final_step": last["step"], "prompts": prompts}}
 
 
 # ----------------------------------------------------------------------------- what users look at

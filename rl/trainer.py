@@ -135,9 +135,10 @@ class Trainer:
         if not self.eval_tasks or self.rewards is None or n <= 0:
             return {}
         worker = RolloutWorker(self.policy, self.sampling, self.cfg.seed, shares_learner_policy=True)
-        grid = (self.run_dir / "eval_samples" / f"step_{self.step:06d}.png"
-                if self.cfg.logging.image_grid_every else None)
-        return evaluate_samples(worker, eval_requests(self.eval_tasks, n), self.rewards, self.policy, self.step, grid)
+        out = self.run_dir / "eval_samples"
+        grid = out / f"step_{self.step:06d}.png" if self.cfg.logging.image_grid_every else None
+        return evaluate_samples(worker, eval_requests(self.eval_tasks, n), self.rewards, self.policy, self.step, grid,
+                                table_path=out / f"step_{self.step:06d}.json")
 
     def new_version(self):
         """After an update: the adapter has a new version, and the rollout workers get it."""
@@ -241,6 +242,23 @@ def reward_metrics(scored: list[ScoredBatch], mixture: RewardMixture) -> dict:
         for k, v in sb.metrics.items():
             m[f"{k}/{kind}"] = v
     m.update(mixture.metrics())
+    return m
+
+
+def health_metrics(scored: list[ScoredBatch]) -> dict:
+    """Is there a learning signal? health/flat_group_fraction: the share of prompt groups whose rewards
+    are all equal (zero advantage: TRL's frac_reward_zero_std); entropy/<kind>: the mean entropy of
+    the distributions the sampled tokens were drawn from (a collapsing policy shows it falling)."""
+    m, groups, flat = {}, 0, 0.0
+    for sb in scored:
+        g = len(sb.batch.group_ids.unique())
+        groups += g
+        flat += sb.metrics.get("advantage/flat_group_fraction", 0.0) * g
+        ent = getattr(sb.batch, "entropy", None)
+        if ent is not None:
+            mask = sb.batch.completion_mask
+            m[f"entropy/{sb.batch.kind}"] = float((ent * mask).sum() / mask.sum().clamp(min=1))
+    m["health/flat_group_fraction"] = flat / max(groups, 1)
     return m
 
 

@@ -144,7 +144,7 @@ def test_bucketed_attention_matches_plain_in_float32(policies):
     plain = policy.sample_images(PADDED, [5, 6], temperature=1.0, decode=False, sampler="plain")
     for bucket in (8, 64):
         sampler = FastImageSampler(policy, use_graphs=False, bucket=bucket)
-        tokens, lp_cfg, lp_cond = sampler.sample(ids, mask, [5, 6], 5.0, 1.0, 0)
+        tokens, lp_cfg, lp_cond, _ = sampler.sample(ids, mask, [5, 6], 5.0, 1.0, 0)
         assert sampler.ws.capacity % bucket == 0
         assert torch.equal(tokens, plain.image_tokens)
         assert (lp_cfg - plain.logprobs_cfg).abs().max().item() < 1e-4
