@@ -2,41 +2,35 @@
 
 Emu3 (`Emu3ForConditionalGeneration`) writes an image as ordinary tokens of its one vocabulary.
 After the generation prompt `<bos>{text}<|image start|>{h}*{w}<|image token|>` (the processor's
-`return_for_image_generation=True`; h, w in codes from `image_area`) the layout is
+`return_for_image_generation=True`, h and w from `image_area`) the layout is
+h rows of (w visual tokens, EOL), then EOF, EOI, EOS (EOL=<|extra_200|>, EOF=<|extra_201|>).
 
-    h rows of (w visual tokens, EOL)  then  EOF, EOI, EOS        (EOL=<|extra_200|>, EOF=<|extra_201|>)
-
-and the VQ model decodes the h x w visual codes. Design choices:
-
-- **Constrained sampling.** The sampler applies the layout as a constraint on the next-token
-  distribution: at a grid position only the visual tokens are allowed, at a row end only EOL, then
-  EOF/EOI/EOS. Masked logits are renormalised, so a forced token has log-prob exactly 0 and a visual
-  token's log-prob is a log-softmax over the visual tokens alone. That is computed directly on the
-  visual rows of `lm_head` (the same numbers as masking the full-vocab logits to -inf: CFG's
-  `u + s(c - u)` is per token, so it commutes with the mask). Recorded log-probs and teacher forcing
-  (`image_logprobs`, `rollout_logprobs`) share `constrained_logprobs`, so they are the log-probs of
-  one and the same constrained distribution. `allowed_tokens(t)` states the constraint on the full
-  vocabulary (a `prefix_allowed_tokens_fn` for HF `generate`; the tests check against it).
+- **Constrained sampling.** The layout is a constraint on the next-token distribution: at a grid
+  position only visual tokens are allowed, at a row end only EOL, then EOF/EOI/EOS. Masked logits
+  are renormalised: a forced token has log-prob exactly 0, a visual token's log-prob is a
+  log-softmax over the visual tokens alone, computed on the visual rows of `lm_head` (the same
+  numbers as a -inf mask on the full vocabulary: CFG's `u + s(c - u)` is per token and commutes with
+  the mask). Sampler and teacher forcing (`image_logprobs`, `rollout_logprobs`) share
+  `constrained_logprobs`. `allowed_tokens(t)` states the constraint on the full vocabulary (also a
+  `prefix_allowed_tokens_fn` for HF `generate`; the tests check both against it).
 - **Stored tokens.** `ImageRollout.image_tokens` holds only the h*w visual codes as VQ codebook
-  indices (row-major), like Janus: the forced tokens carry no log-prob and no learning signal, so a
-  GRPO/DPO loss over `image_tokens` sees exactly the sampled decisions, and DPO token data
-  (`chosen_tokens`: T ids in [0, codebook)) means the same thing for both families. `layout(codes)`
-  rebuilds the full generated sequence (vocabulary ids, with EOL/EOF/EOI/EOS); `decode` accepts
-  either form.
-- **CFG.** Emu3 defines guidance through a negative prompt (`negative_prompt_ids` + `guidance_scale`
-  in HF generate): the unconditional branch is a second prompt run through the same processor, i.e.
-  `<bos>{negative text}<|image start|>{h}*{w}<|image token|>`, with the same image header. Here it is
-  `negative_prompt` (default "": the header alone, the plain unconditional distribution; Emu3's
-  published recipe passes `EMU3_NEGATIVE_PROMPT`). The guided logits are `u + s(c - u)`, then the
-  constraint, then temperature and top-k. Mode `conditional` is the conditional branch alone under
-  the same constraint. (HF's fallback without a negative prompt, the last prompt token alone, is not used.)
+  indices (row-major), like Janus: forced tokens carry no log-prob and no learning signal, so a loss
+  over `image_tokens` sees exactly the sampled decisions, and DPO token data (T ids in
+  [0, codebook)) means the same for both families. `layout(codes)` rebuilds the generated sequence
+  (vocabulary ids with EOL/EOF/EOI/EOS); `decode` accepts either form.
+- **CFG.** Emu3 guides with a negative prompt (`negative_prompt_ids` + `guidance_scale` in HF
+  generate): the unconditional branch is a second prompt through the same processor,
+  `<bos>{negative text}<|image start|>{h}*{w}<|image token|>`. Here the text is `negative_prompt`
+  (default "": the image header alone, the plain unconditional; Emu3's published recipe uses
+  `EMU3_NEGATIVE_PROMPT`). Guided logits `u + s(c - u)`, then the constraint, temperature, top-k.
+  Mode `conditional` is the conditional branch alone under the same constraint.
 - **Understanding.** The processor expands `<image>` into `<|image start|>h*w<|image token|>` +
-  h(w+1) placeholders + EOF + EOI; `encode_questions` replaces the placeholders by the image's VQ
-  tokens (`Emu3Model.get_image_tokens`, what the model's forward does internally), so `prompt_ids`
-  are self-contained and `TextRollout.pixel_values` is an empty (B, 0, 0, 0) placeholder.
+  h(w+1) placeholders + EOF + EOI; `encode_questions` puts the image's VQ tokens in the placeholders
+  (`Emu3Model.get_image_tokens`, as the model's forward does), so `prompt_ids` are self-contained and
+  `TextRollout.pixel_values` is an empty (B, 0, 0, 0) placeholder.
 - **LoRA** goes on the text model only (`model.text_model.layers.*`), never the VQ model.
 
-Randomness is per sample (seeded uniforms, inverse-CDF sampling), one uniform per visual code, as in
+Randomness is per sample (seeded uniforms, inverse-CDF sampling, one uniform per visual code), as in
 `JanusPolicy`: a sample does not depend on its batch.
 """
 from __future__ import annotations
@@ -89,25 +83,23 @@ class Emu3Policy:
 
     def __init__(self, model, processor, device="cpu", dtype=torch.float32, image_area: int | None = None,
                  negative_prompt: str = ""):
-        self.model = model  # Emu3ForConditionalGeneration, or a PeftModel around it
-        self.processor = processor
-        self.tokenizer = processor.tokenizer
+        self.model, self.processor, self.tokenizer = model, processor, processor.tokenizer  # model: maybe a PeftModel
         self.tokenizer.padding_side = "left"
-        self.device = torch.device(device)
-        self.dtype = dtype
-        self.version = 0
-        self.negative_prompt = negative_prompt
+        self.device, self.dtype, self.version, self.negative_prompt = torch.device(device), dtype, 0, negative_prompt
         self.image_area = int(image_area or getattr(self.emu3.config, "uniloop_image_area", 0)
                               or EMU3_DEFAULT_IMAGE_AREA)
         self.grid = tuple(processor.calculate_generate_size("1:1", self.image_area, processor.downsample_ratio))
         vm = self.emu3.vocabulary_mapping
         self.visual_ids = torch.tensor([vm.img2bpe[k] for k in range(len(vm.img2bpe))], dtype=torch.long)
         self.eol_id = vm.eol_token_id
-        self.eof_id = self.tokenizer.convert_tokens_to_ids(self.tokenizer.eof_token)
-        self.eoi_id = self.tokenizer.convert_tokens_to_ids(self.tokenizer.eoi_token)
+        self.eof_id, self.eoi_id = self.tokenizer.convert_tokens_to_ids([self.tokenizer.eof_token,
+                                                                          self.tokenizer.eoi_token])
         self.eos_id = self.tokenizer.eos_token_id
         h, w = self.grid
         self.grid_index = torch.tensor([r * (w + 1) + c for r in range(h) for c in range(w)])  # in the layout
+        lo = int(self.visual_ids[0])
+        contiguous = torch.equal(self.visual_ids, torch.arange(lo, lo + len(self.visual_ids)))
+        self._visual_rows = slice(lo, lo + len(self.visual_ids)) if contiguous else None
         self._cache_kw = _cache_kw()
 
     # ------------------------------------------------------------------ loading
@@ -134,8 +126,7 @@ class Emu3Policy:
         model = Emu3ForConditionalGeneration.from_pretrained(str(name_or_path), **kwargs)
         if not quantization:
             model.to(device)
-        model.eval()
-        model.requires_grad_(False)
+        model.eval().requires_grad_(False)
         return cls(model, processor, device=device, dtype=dtype, image_area=image_area,
                    negative_prompt=negative_prompt)
 
@@ -253,12 +244,7 @@ class Emu3Policy:
     def _visual_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """lm_head restricted to the visual tokens (a view of its rows when they are contiguous)."""
         W = self.emu3.lm_head.weight
-        ids = self.visual_ids
-        lo = int(ids[0])
-        if torch.equal(ids, torch.arange(lo, lo + len(ids))):
-            Wv = W[lo:lo + len(ids)]
-        else:
-            Wv = W[ids.to(W.device)]
+        Wv = W[self._visual_rows] if self._visual_rows is not None else W[self.visual_ids.to(W.device)]
         return F.linear(hidden.to(Wv.dtype), Wv).float()
 
     # ------------------------------------------------------------------ prompts
@@ -343,17 +329,18 @@ class Emu3Policy:
                 hidden = step(torch.full((ids2.shape[0],), self.eol_id, dtype=torch.long, device=self.device))
         return codes, lp_cfg, lp_cond
 
+    def _pixel_stats(self):
+        ip = self.processor.image_processor
+        return tuple(torch.tensor(v, device=self.device, dtype=torch.float32).view(1, 3, 1, 1)
+                     for v in (ip.image_mean, ip.image_std))
+
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor, chunk: int = 16) -> torch.Tensor:
         """Visual codes (B, h*w) or full layouts (B, h(w+1)+3) -> images (B, H, W, 3) in [0, 1]."""
         tokens = tokens.to(self.device).long()
         if tokens.shape[1] == self.layout_length:
             tokens = self.codes_from_layout(tokens)
-        h, w = self.grid
-        ip = self.processor.image_processor
-        mean = torch.tensor(ip.image_mean, device=self.device).view(1, 3, 1, 1)
-        std = torch.tensor(ip.image_std, device=self.device).view(1, 3, 1, 1)
-        outs = []
+        (h, w), (mean, std), outs = self.grid, self._pixel_stats(), []
         for i in range(0, tokens.shape[0], chunk):
             px = self.emu3.model.vqmodel.decode(tokens[i:i + chunk].view(-1, h, w)).float()
             outs.append((px * std + mean).clamp_(0, 1).permute(0, 2, 3, 1))
@@ -362,9 +349,7 @@ class Emu3Policy:
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """Images (B, H, W, 3) in [0, 1] at the generation resolution -> visual codes (B, h*w)."""
-        ip = self.processor.image_processor
-        mean = torch.tensor(ip.image_mean, device=self.device).view(1, 3, 1, 1)
-        std = torch.tensor(ip.image_std, device=self.device).view(1, 3, 1, 1)
+        mean, std = self._pixel_stats()
         px = (images.permute(0, 3, 1, 2).to(self.device).float() - mean) / std
         sizes = [[images.shape[1], images.shape[2]]] * images.shape[0]
         out = self.emu3.model.vqmodel.encode(px.to(self.dtype), sizes, return_dict=True)
@@ -485,7 +470,8 @@ class Emu3Policy:
         ids = torch.cat([batch.prompt_ids, batch.answer_ids], 1).to(self.device)
         mask = torch.cat([batch.prompt_mask, batch.answer_mask], 1).to(self.device)
         L, A = batch.prompt_ids.shape[1], batch.answer_ids.shape[1]
-        logits = self._forward_logits(ids, mask, positions_from_mask(mask))[:, L - 1:L - 1 + A].float()
+        hs = self._lm(ids, mask, positions_from_mask(mask))[:, L - 1:L - 1 + A]  # the head on answer positions only
+        logits = self.emu3.lm_head(hs).float()
         temp = batch.temperature if batch.temperature > 0 else 1.0
         lp = selective_log_softmax(self._suppress_specials(logits) / temp, batch.answer_ids.to(self.device))
         # where, not a product: a padded position holds a suppressed token (-inf * 0 would be NaN)

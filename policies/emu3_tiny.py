@@ -76,7 +76,7 @@ def build_tiny_emu3(path: str | os.PathLike, seed: int = 0, **overrides) -> Path
     unknown = set(overrides) - set(TINY_EMU3_DEFAULTS)
     if unknown:
         raise ValueError(f"unknown tiny-Emu3 option(s) {sorted(unknown)}; known: {sorted(TINY_EMU3_DEFAULTS)}")
-    spec = {**TINY_EMU3_DEFAULTS, **overrides, "seed": seed, "format": 1}
+    spec = {**TINY_EMU3_DEFAULTS, **overrides, "seed": seed, "format": 2}
     path = Path(path)
     if built_with(path, MARKER, spec):
         return path
@@ -112,7 +112,7 @@ def _scale_lm(model, hidden: int):
     """O(1) logits from the random head (the default std 0.02 gives near-uniform sampling that no
     adapter can move; see policies/tiny.py `_scale_output_heads`)."""
     with torch.no_grad():
-        model.lm_head.weight.normal_(0, 2 * hidden ** -0.5)
+        model.lm_head.weight.normal_(0, hidden ** -0.5)
         model.model.text_model.embed_tokens.weight.normal_(0, 1.0)
 
 
