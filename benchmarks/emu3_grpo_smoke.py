@@ -47,12 +47,13 @@ def emu3_make_policy(model_cfg, lora_cfg=None, tiny_dir=None):
     return policy
 
 
-def run(seed: int, steps: int, out: Path, text: bool) -> dict:
+def run(seed: int, steps: int, out: Path, text: bool, janus: bool = False) -> dict:
     import uniloop.rl.trainer as trainer_mod
     import uniloop.rollouts.worker as worker_mod
     from uniloop.rl.config import load_config
 
-    trainer_mod.make_policy = worker_mod.make_policy = emu3_make_policy
+    if not janus:  # --janus: the same recipe on the tiny Janus, for comparison
+        trainer_mod.make_policy = worker_mod.make_policy = emu3_make_policy
     extra = [] if text else ["text_task=null", "rewards=[{name: color, weight: 1.0}]"]
     cfg = load_config(REPO / "configs" / "quickstart.yaml", [
         f"output_dir={out / f'seed{seed}'}", f"seed={seed}", f"grpo.max_steps={steps}", "grpo.eval_steps=20",
@@ -82,10 +83,11 @@ def main():
     ap.add_argument("--out", default="runs/emu3_grpo_smoke")
     ap.add_argument("--text", action="store_true", help="also the understanding task (exact_match) and "
                     "self_understanding, i.e. the whole quickstart recipe")
+    ap.add_argument("--janus", action="store_true", help="run the unpatched trainer (tiny Janus) instead")
     args = ap.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))
     for s in args.seeds:
-        print(json.dumps(run(s, args.steps, Path(args.out), args.text)), flush=True)
+        print(json.dumps(run(s, args.steps, Path(args.out), args.text, args.janus)), flush=True)
 
 
 if __name__ == "__main__":

@@ -12,10 +12,21 @@ from uniloop.policies.emu3_tiny import build_tiny_emu3
 from uniloop.policies.tiny import COLORS, palette, solid_color_images
 
 PROMPTS = ["a red image", "a green image of a photo", "a blue image"]  # different lengths: left padding
-# float32 rounding: a KV-cached step vs one full forward differ by ~1e-7 in the logits; CFG multiplies
-# that by (1 + s) and the log-softmax adds a few ulps of O(1) values, so differences are ~1e-6 (seen:
-# <= 2e-6 with s = 3). 1e-4 keeps a wide margin; a wrong position, mask or distribution is off by O(1).
+# float32 rounding: a KV-cached step and one full forward sum in different orders, so logits differ by
+# ~eps32 (1.2e-7) x the residual-stream magnitude (<= ~10 with a realistic adapter) per layer; CFG
+# multiplies that by (1 + 2s) = 7 at s = 3. Measured <= 3e-6 over 12 adapter seeds; 1e-4 leaves a wide
+# margin, while a wrong position, mask or distribution is off by O(1e-1..1). The adapter scale matters:
+# B ~ N(0, 0.5^2) at LoRA scale alpha/r = 8 blows the residuals up to ~200 and the differences to ~1e-4.
 TOL = 1e-4
+ADAPTER_SCALE = 0.1
+
+
+def lora(policy, seed=0):
+    """A seeded LoRA adapter (r=4) with non-zero B, so it changes the outputs."""
+    torch.manual_seed(seed)
+    policy.add_lora(r=4)
+    perturb_adapter(policy, scale=ADAPTER_SCALE, seed=seed)
+    return policy
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +68,7 @@ def full_vocab_constrained(pol, batch, cfg_scale):
 
 @pytest.mark.parametrize("cfg_scale", [3.0, 1.0])
 def test_sampled_logprobs_equal_teacher_forced_under_the_constraint(policy, cfg_scale):
-    policy.add_lora(r=4)
-    perturb_adapter(policy)
+    lora(policy)
     batch = policy.sample_images(PROMPTS * 2, seeds=list(range(6)), cfg_scale=cfg_scale, temperature=0.9, top_k=40)
     assert batch.image_tokens.shape == (6, policy.num_image_tokens) == (6, 16)
     for mode in ("cfg", "conditional"):
@@ -80,6 +90,26 @@ def test_sampled_logprobs_equal_teacher_forced_under_the_constraint(policy, cfg_
     assert (ref_cond[:, grid] - plain.logprobs_cond).abs().max() <= TOL
     # the constraint is not a no-op: unmasked, the model puts mass on non-visual tokens
     assert (unmasked[:, grid] - plain.logprobs_cfg).abs().mean() > 1e-2
+
+
+def test_negative_prompt_is_the_unconditional_branch(emu3_dir, one_torch_thread):
+    """CFG's second branch is the negative prompt through the same processor (same image header); a
+    negative prompt longer than the prompts left-pads the conditional rows, which changes nothing."""
+    neg = "a blue image of a photo with a color"
+    pol = Emu3Policy.from_pretrained(emu3_dir, negative_prompt=neg)
+    batch = pol.sample_images(PROMPTS[:2], seeds=[1, 2], cfg_scale=3.0)
+    ids2, mask2 = pol.cfg_inputs(batch.prompt_ids, batch.prompt_mask)
+    expect, _ = pol.encode_generation_prompts([neg])
+    assert ids2.shape[1] == expect.shape[1] > batch.prompt_ids.shape[1]
+    real = lambda ids, mask, i: ids[i][mask[i].bool()]  # noqa: E731
+    assert all(torch.equal(real(ids2, mask2, i), real(batch.prompt_ids, batch.prompt_mask, i)) for i in (0, 1))
+    assert all(torch.equal(real(ids2, mask2, i), expect[0]) for i in (2, 3))
+    with torch.no_grad():
+        for mode in ("cfg", "conditional"):
+            assert (pol.rollout_logprobs(batch, mode) - batch.logprobs(mode)).abs().max() <= TOL
+        plain = Emu3Policy.from_pretrained(emu3_dir)  # negative prompt "": the header alone
+        assert (plain.rollout_logprobs(batch, "cfg") - batch.logprobs_cfg).abs().max() > 1e-2
+        assert (plain.rollout_logprobs(batch, "conditional") - batch.logprobs_cond).abs().max() <= TOL
 
 
 def test_sampled_layout_obeys_the_constraints_and_decodes(policy):
@@ -137,8 +167,7 @@ def test_sampling_is_seeded_per_sample(policy):
 
 def test_reference_is_the_base_model(emu3_dir, policy):
     base = policy.sample_images(PROMPTS, seeds=[3, 4, 5], cfg_scale=3.0)
-    policy.add_lora(r=4)
-    perturb_adapter(policy)
+    lora(policy)
     images = solid_color_images(["red", "blue"], policy.image_size)
     with torch.no_grad():
         with policy.reference():
@@ -153,6 +182,7 @@ def test_reference_is_the_base_model(emu3_dir, policy):
 
 
 def test_lora_step_moves_the_adapter_only(policy):
+    torch.manual_seed(0)
     policy.add_lora(r=4, target_modules=r".*language_model.*\.(q_proj|v_proj)")  # the Janus-style default
     names = [n for n, p in policy.model.named_parameters() if p.requires_grad]
     assert names and all(".text_model." in n and "lora_" in n for n in names)
@@ -172,8 +202,7 @@ def test_lora_step_moves_the_adapter_only(policy):
 
 
 def test_adapter_round_trip(emu3_dir, tmp_path):
-    pol = Emu3Policy.from_pretrained(emu3_dir).add_lora(r=4)
-    perturb_adapter(pol, seed=3)
+    pol = lora(Emu3Policy.from_pretrained(emu3_dir), seed=3)
     pol.save_adapter(tmp_path / "adapter")
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
     batch = pol.sample_images(PROMPTS, seeds=[5, 6, 7], cfg_scale=3.0)
@@ -220,8 +249,7 @@ def test_batches_select_concat_and_the_rollout_worker(policy):
 
 
 def test_understanding_round_trip(policy):
-    policy.add_lora(r=4)
-    perturb_adapter(policy, seed=1)
+    lora(policy, seed=1)
     images = solid_color_images(["red", "green", "blue", "yellow"], policy.image_size)
     qs = ["what color is this image?", "what color is this?", "is this red?", "what color is it?"]
     batch = policy.answer(images, qs, seeds=[1, 2, 3, 4], max_new_tokens=5, temperature=1.0)
