@@ -43,8 +43,12 @@ import torch
 import torch.nn.functional as F
 
 from .batches import ImageRollout, TextRollout
-from .janus import (filter_top_k, guided_logits, inverse_cdf_sample, positions_from_mask, resolve_dtype,
-                    selective_log_softmax, uniforms_for)
+try:  # the shared sampling primitives (policies/sampling.py on main; janus.py before the refactor)
+    from .sampling import (filter_top_k, guided_logits, inverse_cdf_sample, positions_from_mask, resolve_dtype,
+                           selective_log_softmax, uniforms_for)
+except ImportError:
+    from .janus import (filter_top_k, guided_logits, inverse_cdf_sample, positions_from_mask, resolve_dtype,
+                        selective_log_softmax, uniforms_for)
 
 LORA_TARGET_REGEX = r".*text_model.*\.(q_proj|k_proj|v_proj|o_proj)"
 EMU3_NEGATIVE_PROMPT = ("lowres, bad anatomy, bad hands, text, error, missing fingers, extra digit, fewer digits, "
@@ -59,11 +63,9 @@ def _cache_kw() -> str:
 
 
 def constrained_logprobs(cond, uncond, cfg_scale: float, temperature: float, top_k: int, mode: str):
-    """Log-probs over the allowed (visual) tokens: `cond`/`uncond` are logits restricted to them.
-
-    mode "cfg": log_softmax(top_k((u + s(c - u)) / T)), the distribution CFG sampling draws from
-    (`uncond` None = no guidance); mode "conditional": log_softmax(c / T).
-    """
+    """Log-probs over the allowed (visual) tokens, `cond`/`uncond` being logits restricted to them. mode "cfg":
+    log_softmax(top_k((u + s(c - u)) / T)), what CFG sampling draws from (`uncond` None = no guidance);
+    mode "conditional": log_softmax(c / T)."""
     temp = temperature if temperature > 0 else 1.0
     if mode == "conditional":
         return F.log_softmax(cond / temp, -1)
@@ -71,15 +73,15 @@ def constrained_logprobs(cond, uncond, cfg_scale: float, temperature: float, top
 
 
 def left_pad(ids, mask, length: int, pad_id: int):
-    extra = length - ids.shape[1]
-    if extra <= 0:
-        return ids, mask
+    extra = max(0, length - ids.shape[1])
     return (torch.cat([ids.new_full((ids.shape[0], extra), pad_id), ids], 1),
             torch.cat([mask.new_zeros(mask.shape[0], extra), mask], 1))
 
 
 class Emu3Policy:
     """An Emu3 checkpoint (hub id or local directory) wrapped for RL; see the module docstring."""
+
+    modalities = ("image", "text")  # generates images and answers questions about them
 
     def __init__(self, model, processor, device="cpu", dtype=torch.float32, image_area: int | None = None,
                  negative_prompt: str = ""):

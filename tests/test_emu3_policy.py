@@ -43,7 +43,7 @@ def full_vocab_constrained(pol, batch, cfg_scale):
     """Independent reference: HF forward over prompt + full layout, full-vocab logits, CFG over the whole
     vocabulary, then `allowed_tokens` as a -inf mask and a log-softmax. Returns the log-probs of every
     layout token under (guided, conditional, guided without the mask)."""
-    from uniloop.policies.janus import positions_from_mask
+    from uniloop.policies.emu3 import positions_from_mask
 
     ids, mask = batch.prompt_ids, batch.prompt_mask
     B = ids.shape[0]
