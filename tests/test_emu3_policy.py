@@ -223,12 +223,16 @@ def test_adapter_round_trip(emu3_dir, tmp_path):
 
 
 def test_batches_select_concat_and_the_rollout_worker(policy):
-    from uniloop.rollouts.worker import RolloutRequest, RolloutWorker, concat_rollouts
+    import uniloop.rollouts.worker as W
 
-    class Cfg:
-        cfg_scale, temperature, top_k, max_new_tokens, batch_size, sampler = 2.0, 1.0, 0, 4, 3, "auto"
-
-    worker = RolloutWorker(policy, Cfg, seed=0, shares_learner_policy=True)
+    if hasattr(W, "Sampling"):  # the refactored worker: sampling settings instead of the rollout config
+        settings = W.Sampling(image=dict(cfg_scale=2.0, temperature=1.0, top_k=0), text=dict(max_new_tokens=4),
+                              batch_size=3)
+    else:
+        class settings:  # noqa: N801  (the rollout config section the worker reads)
+            cfg_scale, temperature, top_k, max_new_tokens, batch_size, sampler = 2.0, 1.0, 0, 4, 3, "auto"
+    RolloutRequest = W.RolloutRequest
+    worker = W.RolloutWorker(policy, settings, seed=0, shares_learner_policy=True)
     img = worker.generate(RolloutRequest("image", ["a red image", "a green image of a photo"], 3, step=1,
                                          targets=["red", "green"]))
     assert isinstance(img, ImageRollout) and len(img) == 6 and img.group_ids.tolist() == [0, 0, 0, 1, 1, 1]
@@ -243,7 +247,7 @@ def test_batches_select_concat_and_the_rollout_worker(policy):
     txt = worker.generate(RolloutRequest("text", ["what color is this image?", "is it blue?"], 2, step=1,
                                          targets=["red", "blue"], images=images))
     assert isinstance(txt, TextRollout) and len(txt) == 4
-    both = concat_rollouts([txt.select([0, 1]), txt.select([2, 3])])
+    both = TextRollout.concat([txt.select([0, 1]), txt.select([2, 3])])
     with torch.no_grad():
         assert (policy.text_logprobs(both) - txt.logprobs_sampled).abs().max() <= TOL
 
