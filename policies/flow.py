@@ -107,7 +107,10 @@ class FlowPolicy:
         from diffusers import StableDiffusion3Pipeline
 
         dtype = resolve_dtype(dtype)
-        kwargs = {"torch_dtype": dtype}
+        from diffusers.pipelines import pipeline_utils
+
+        # recent diffusers read `dtype` (and warn on `torch_dtype`); older ones only know `torch_dtype`
+        kwargs = {"dtype" if hasattr(pipeline_utils, "_resolve_dtype") else "torch_dtype": dtype}
         if not load_t5:
             kwargs.update(text_encoder_3=None, tokenizer_3=None)
         path = str(name_or_path)

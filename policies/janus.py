@@ -12,8 +12,6 @@ worker or device it was drawn in.
 """
 from __future__ import annotations
 
-import contextlib
-import warnings
 from pathlib import Path
 
 import torch
@@ -21,12 +19,13 @@ import torch.nn.functional as F
 
 from .batches import ImageRollout, TextRollout
 from .fast_sampler import choose_sampler, fast_sampler_for
+from .peft_policy import PeftPolicy, fingerprint
 from .sampling import (cache_kwargs, entropy_of, filter_top_k, guided_logits, inverse_cdf_sample, positions_from_mask,
                        resolve_dtype, selective_log_softmax, uniforms_for)
 
 LORA_TARGET_REGEX = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)"
 
-class JanusPolicy:
+class JanusPolicy(PeftPolicy):
     """A Janus checkpoint (hub id or local directory) wrapped for RL."""
 
     modalities = ("image", "text")  # generates images and answers questions about them
@@ -47,38 +46,34 @@ class JanusPolicy:
         from transformers import JanusForConditionalGeneration, JanusProcessor
 
         dtype = resolve_dtype(dtype)
-        kwargs = {"dtype": dtype}
-        if attn_implementation:
-            kwargs["attn_implementation"] = attn_implementation
-        if quantization == "4bit":
-            from transformers import BitsAndBytesConfig
-            kwargs["quantization_config"] = BitsAndBytesConfig(
-                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
-                # Full module paths: transformers 5.x matches these from the start of the name
-                # (a bare "vision_model" would quantize SigLIP, the aligners and the image head too).
-                llm_int8_skip_modules=["model.vision_model", "model.vqmodel", "model.generation_head",
-                                       "model.generation_embeddings", "model.generation_aligner",
-                                       "model.aligner", "lm_head"])
-            kwargs["device_map"] = {"": str(device)}
-        elif quantization:
-            raise ValueError(f"quantization must be null or '4bit', got {quantization!r}")
-        processor = JanusProcessor.from_pretrained(str(name_or_path))
-        model = JanusForConditionalGeneration.from_pretrained(str(name_or_path), **kwargs)
-        if not quantization:
-            model.to(device)
-        model.eval()
-        model.requires_grad_(False)
+        # NF4 for the language model only (a bare "vision_model" would also catch the aligners and the head)
+        skip = ["model.vision_model", "model.vqmodel", "model.generation_head", "model.generation_embeddings",
+                "model.generation_aligner", "model.aligner", "lm_head"]
+        processor, model = cls.load_frozen(JanusForConditionalGeneration, JanusProcessor, name_or_path, dtype, device,
+                                           quantization, attn_implementation, skip)
         return cls(model, processor, device=device, dtype=dtype)
 
     # ------------------------------------------------------------------ structure
-    @property
-    def janus(self):
-        """The JanusForConditionalGeneration inside (adapters, if any, are injected in it)."""
-        return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+    janus = PeftPolicy.base  # the JanusForConditionalGeneration inside (adapters, if any, injected in it)
 
     @property
-    def has_adapter(self) -> bool:
-        return hasattr(self.model, "peft_config")
+    def vq_image_size(self) -> int:
+        """Pixel size the VQ model encodes/decodes (384 for Janus-Pro, 8 for the tiny model)."""
+        vq = self.janus.config.vq_config
+        return int(vq.num_patches * 2 ** (len(vq.channel_multiplier) - 1))
+
+    @property
+    def codebook_size(self) -> int:
+        return int(self.janus.config.vq_config.num_embeddings)
+
+    def vq_weights(self) -> tuple:
+        vq = self.janus.model.vqmodel  # the codebook and the encoder's first and last convolutions
+        return vq.quantize.embedding.weight, vq.quant_conv.weight, next(vq.encoder.parameters())
+
+    def model_fingerprint(self) -> str:
+        """Identifies the base model's image-token scores (with the VQ): cached reference log-probs key."""
+        head = self.janus.model.generation_head.state_dict()
+        return fingerprint(self.vq_fingerprint(), head[next(iter(head))])
 
     @property
     def num_image_tokens(self) -> int:
@@ -90,64 +85,7 @@ class JanusPolicy:
 
     def add_lora(self, r=16, alpha=32, dropout=0.0, target_modules=LORA_TARGET_REGEX, init="gaussian_zero"):
         """LoRA on the language model only (a plain q_proj/v_proj list would also hit SigLIP)."""
-        from peft import LoraConfig, get_peft_model
-
-        if self.has_adapter:
-            raise RuntimeError("this policy already has an adapter")
-        if getattr(self.janus, "is_loaded_in_4bit", False):
-            from peft import prepare_model_for_kbit_training
-            self.model = prepare_model_for_kbit_training(self.model, use_gradient_checkpointing=False)
-        config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
-                            init_lora_weights=True)
-        with warnings.catch_warnings():  # PEFT asks transformers' deprecated `is_gradient_checkpointing`
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-            self.model = get_peft_model(self.model, config)
-        return self
-
-    def load_adapter(self, path: str | Path, trainable: bool = True):
-        """Attach a saved PEFT adapter (standard `adapter_config.json` + safetensors)."""
-        from peft import PeftModel
-
-        self.model = PeftModel.from_pretrained(self.model, str(path), is_trainable=trainable)
-        self.model.to(self.device)
-        return self
-
-    def trainable_parameters(self):
-        return [p for p in self.model.parameters() if p.requires_grad]
-
-    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        from peft import get_peft_model_state_dict
-        return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(self.model).items()}
-
-    def set_adapter_state_dict(self, state: dict[str, torch.Tensor], version: int | None = None):
-        from peft import set_peft_model_state_dict
-        result = set_peft_model_state_dict(self.model, state)
-        unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
-        if unexpected:
-            raise ValueError(f"adapter tensors do not fit this policy: {unexpected[:3]}...")
-        if version is not None:
-            self.version = version
-
-    def save_adapter(self, path: str | Path):
-        self.model.save_pretrained(str(path))
-
-    def load_adapter_weights(self, path: str | Path, version: int | None = None):
-        """Replace the current adapter's tensors with those saved in `path` (a checkpoint's adapter/)."""
-        from safetensors.torch import load_file
-        self.set_adapter_state_dict(load_file(str(Path(path) / "adapter_model.safetensors")), version)
-
-    def reference(self):
-        """Context in which the model is the frozen base: the adapter disabled (no second copy)."""
-        return self.model.disable_adapter() if self.has_adapter else contextlib.nullcontext()
-
-    def gradient_checkpointing(self, enable: bool = True):
-        lm = self.janus.model.language_model
-        if enable:
-            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            if self.has_adapter:
-                self.model.enable_input_require_grads()
-        else:
-            lm.gradient_checkpointing_disable()
+        return self.attach_lora(r, alpha, dropout, target_modules)
 
     # ------------------------------------------------------------------ prompts
     def _chat(self, content, image: bool) -> str:
@@ -370,20 +308,9 @@ class JanusPolicy:
         # and -inf * 0 would be NaN (and a NaN loss)
         return torch.where(batch.answer_mask.to(self.device).bool(), lp, torch.zeros((), device=lp.device))
 
-    def _word_ids(self, words):
-        ids = set()
-        for w in words:
-            enc = self.tokenizer.encode(w, add_special_tokens=False)
-            if enc and enc[0] != self.tokenizer.unk_token_id:
-                ids.add(enc[0])
-        return sorted(ids)
-
     def yes_probability(self, images: torch.Tensor, questions: list[str], grad: bool = False) -> torch.Tensor:
         """P(yes) / (P(yes) + P(no)) from the first answer token, per (image, question)."""
-        yes = self._word_ids(["yes", "Yes", " yes", " Yes", "YES"])
-        no = self._word_ids(["no", "No", " no", " No", "NO"])
-        if not yes or not no:
-            raise ValueError("the tokenizer has no single token for 'yes' / 'no'")
+        yes, no = self.yes_no_ids()
         with torch.set_grad_enabled(grad):
             ids, mask, pixel_values = self.encode_questions(images, questions)
             logits = self.janus(input_ids=ids, pixel_values=pixel_values, attention_mask=mask,

@@ -18,6 +18,9 @@ import torch
 def activation_bytes_per_sample(policy, prompt_len: int, mode: str = "cfg", cfg_scale: float = 5.0,
                                 checkpointing: bool | None = None) -> int:
     """Estimated peak activation bytes that one image sample adds to a learner forward+backward."""
+    if not hasattr(policy, "janus"):
+        raise ValueError(f"automatic micro-batch sizing (per_device_train_batch_size: 0) knows Janus only, not "
+                         f"{type(policy).__name__}: set grpo.per_device_train_batch_size")
     lm = policy.janus.model.language_model
     cfg = lm.config
     if checkpointing is None:

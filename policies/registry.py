@@ -6,7 +6,8 @@ quickstarts. A `PolicySpec` is the small, picklable description of a policy that
 passes around (the learner builds its policy from it, Ray rollout actors build their copies from
 it): family, checkpoint, loading options, adapter.
 
-The tiny rule lives here and nowhere else: `name_or_path: tiny` builds the family's tiny model
+The tiny rule lives here and nowhere else: `name_or_path: tiny` (or `tiny-<family>`, e.g. `tiny-emu3`,
+which also picks the family) builds the family's tiny model
 with the run's seed into `tiny_dir` (once; a build with the same settings is reused) and loads it
 back through `from_pretrained`, the code path a hub id takes.
 
@@ -23,10 +24,16 @@ from typing import Callable
 
 from .flow import FlowPolicy
 from .flow_tiny import build_tiny_sd3
+from .emu3 import Emu3Policy
+from .emu3_tiny import build_tiny_emu3
 from .janus import JanusPolicy
 from .tiny import build_tiny_janus
 
-TINY = "tiny"  # the name_or_path that asks for the family's tiny model
+TINY = "tiny"  # the name_or_path that asks for the family's tiny model; `tiny-<family>` names the family
+
+
+def is_tiny(name_or_path: str) -> bool:
+    return name_or_path == TINY or name_or_path.startswith(TINY + "-")
 
 
 class Registry(dict):
@@ -112,7 +119,7 @@ class PolicySpec:
 def resolve_checkpoint(spec: PolicySpec) -> PolicySpec:
     """The same spec with `tiny` built and replaced by its directory (absolute, so processes with
     other working directories, such as Ray actors, load the same files); other specs unchanged."""
-    if spec.name_or_path != TINY:
+    if not is_tiny(spec.name_or_path):
         return spec
     family = get_family(spec.family)
     if family.tiny is None:
@@ -142,6 +149,8 @@ def build_policy(spec: PolicySpec):
 def detect_family(name_or_path: str) -> str | None:
     """The registered family of a local checkpoint directory, from its config.json `model_type` (or a
     diffusers pipeline's model_index.json `_class_name`); None when it cannot be told offline."""
+    if name_or_path.startswith(TINY + "-") and name_or_path[len(TINY) + 1:] in _FAMILIES:
+        return name_or_path[len(TINY) + 1:]
     p = Path(name_or_path)
     for fname, key in (("config.json", "model_type"), ("model_index.json", "_class_name")):
         f = p / fname
@@ -157,4 +166,5 @@ def detect_family(name_or_path: str) -> str | None:
 
 
 register_policy("janus", model_types=("janus",), tiny=build_tiny_janus)(JanusPolicy)
+register_policy("emu3", model_types=("emu3",), tiny=build_tiny_emu3)(Emu3Policy)
 register_policy("sd3", model_types=("StableDiffusion3Pipeline",), tiny=build_tiny_sd3)(FlowPolicy)

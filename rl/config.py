@@ -24,9 +24,11 @@ class ModelConfig:
 
     name_or_path: str = uf("tiny", "Hub id (deepseek-community/Janus-Pro-1B) or local directory of a unified "
                            "model checkpoint; `tiny` builds a tiny random model of the family offline (tests, "
-                           "quickstart) with the run's seed.")
-    family: str = uf("auto", "Policy family (a registered policy class: janus, ...); `auto` = from the "
+                           "quickstart) with the run's seed; `tiny-emu3` the tiny model of that family.")
+    family: str = uf("auto", "Policy family (a registered policy class: janus, emu3, ...); `auto` = from the "
                      "checkpoint's config.json `model_type` (janus for `tiny` and for hub ids).")
+    load_args: dict = uf(help="Extra keyword arguments of the family's from_pretrained (emu3: image_area, "
+                         "negative_prompt).", factory=dict)
     tiny_dir: str = uf("", "Where the tiny model is written when name_or_path is `tiny` "
                        "(default: <output_dir>/../.tiny_models/<family>_seed<seed>, shared between runs).")
     tiny: dict = uf(help="Overrides of the tiny model's shape (hidden_size, num_layers, image_size, ...).",
@@ -47,9 +49,9 @@ class LoraSection:
     alpha: int = uf(32, "LoRA alpha (scale = alpha / r).")
     dropout: float = uf(0.0, "LoRA dropout.")
     init_adapter: str | None = uf(None, "Start from a saved PEFT adapter directory instead of a fresh one.")
-    target_modules: str = uf(r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)",
-                             "Regex (or comma-separated names) of the modules that get adapters; the default "
-                             "keeps them on the language model, away from SigLIP.")
+    target_modules: str | None = uf(None, "Regex (or comma-separated names) of the modules that get adapters; "
+                                    "null = the family's default: the attention projections of the language "
+                                    "model only (away from SigLIP and the VQ model).")
 
 
 @dataclass

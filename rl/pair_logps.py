@@ -15,7 +15,7 @@ import torch
 
 from ..policies.batches import GENERATION, UNDERSTANDING, GenerationPair, TextRollout, UnderstandingPair
 from .losses import PairLogps
-from .preference_sets import PreferenceSet, vq_model_key
+from .preference_sets import PreferenceSet
 from .trainer import index_chunks
 
 
@@ -118,9 +118,7 @@ class ReferenceTable:
 def reference_key(policy, pset: PreferenceSet, mode: str, cfg_scale: float) -> str:
     """Fingerprint of (base model, pairs, log-prob mode): a cached reference table is valid iff equal."""
     h = hashlib.sha256()
-    h.update(vq_model_key(policy).encode())
-    h.update(policy.janus.model.generation_head.state_dict()[next(iter(
-        policy.janus.model.generation_head.state_dict()))].detach().float().cpu().numpy().tobytes())
+    h.update(policy.model_fingerprint().encode())
     h.update(json.dumps([mode, cfg_scale]).encode())
     g, u = pset.generation, pset.understanding
     h.update(json.dumps([g.prompts, u.questions, u.chosen, u.rejected]).encode())

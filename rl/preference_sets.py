@@ -5,7 +5,6 @@ images as tensors), the synthetic color set of the quickstarts, and the train/he
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import random
 import tempfile
@@ -16,6 +15,7 @@ from pathlib import Path
 import torch
 
 from ..policies.batches import GENERATION, UNDERSTANDING, GenerationPair, UnderstandingPair
+from ..policies.registry import is_tiny
 from ..policies.tiny import COLORS, palette, solid_color_images
 from .preference_data import (DatasetImage, GenerationRecord, PairToWrite, PreferenceDataError, PreferenceRecords,
                               UnderstandingRecord, _is_pil, load_image_tensor, read_train_eval, write_preference_jsonl)
@@ -23,24 +23,16 @@ from .preference_data import (DatasetImage, GenerationRecord, PairToWrite, Prefe
 
 def vq_image_size(policy) -> int:
     """Pixel size the policy's VQ model encodes/decodes (384 for Janus-Pro, 8 for the tiny model)."""
-    vq = policy.janus.config.vq_config
-    return int(vq.num_patches * 2 ** (len(vq.channel_multiplier) - 1))
+    return policy.vq_image_size
 
 
 def vq_codebook_size(policy) -> int:
-    return int(policy.janus.config.vq_config.num_embeddings)
+    return policy.codebook_size
 
 
 def vq_model_key(policy) -> str:
     """Identifies the VQ tokenizer: same key -> same tokens for the same image bytes."""
-    vq = policy.janus.model.vqmodel
-    h = hashlib.sha256()
-    h.update(str(getattr(policy.janus.config, "_name_or_path", "")).encode())
-    h.update(json.dumps(policy.janus.config.vq_config.to_dict(), sort_keys=True, default=str).encode())
-    # The weights themselves, cheaply: the codebook and the encoder's first and last convolutions.
-    for t in (vq.quantize.embedding.weight, vq.quant_conv.weight, next(vq.encoder.parameters())):
-        h.update(t.detach().float().cpu().numpy().tobytes())
-    return h.hexdigest()[:20]
+    return policy.vq_fingerprint()
 
 
 def image_content_key(value) -> str:
@@ -256,7 +248,7 @@ def load_run_data(cfg, policy, run_dir: Path) -> tuple[PreferenceSet, Preference
     pd = cfg.preference_data
 
     def synthetic(scfg, out_dir):
-        exact = scfg.palette_tokens and cfg.model.name_or_path == "tiny"
+        exact = scfg.palette_tokens and is_tiny(cfg.model.name_or_path)
         return write_synthetic_preference_set(scfg, out_dir, cfg.seed, vq_image_size(policy), policy.image_size,
                                               policy.num_image_tokens if exact else None)
 

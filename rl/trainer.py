@@ -200,11 +200,11 @@ def policy_spec(cfg, section: str = "model") -> PolicySpec:
     m = cfg.model
     family = m.family if m.family != "auto" else (detect_family(m.name_or_path) or "janus")
     targets = lora.target_modules
-    if "," in targets:
+    if targets and "," in targets:
         targets = [t.strip() for t in targets.split(",")]
     return PolicySpec(family, m.name_or_path,
                       load={"dtype": m.dtype, "device": m.device, "quantization": m.quantization,
-                            "attn_implementation": m.attn_implementation},
+                            "attn_implementation": m.attn_implementation, **m.load_args},
                       lora=LoraSpec(lora.r, lora.alpha, lora.dropout, targets, lora.init_adapter),
                       gradient_checkpointing=m.gradient_checkpointing, tiny=dict(m.tiny or {}),
                       tiny_dir=m.tiny_dir or default_tiny_dir(cfg, family), seed=cfg.seed)

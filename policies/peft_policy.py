@@ -1,0 +1,162 @@
+"""What every transformers policy with a PEFT adapter shares (Janus, Emu3, the next family).
+
+The part of the policy protocol that does not depend on how a model generates: the adapter's
+lifecycle (add, load, state dict in and out, save), the reference model (the adapter disabled: no
+second copy), gradient checkpointing of the language model, and fingerprints that say whether two
+policies tokenise images and score tokens alike (cache keys). A family subclasses `PeftPolicy` and
+writes its sampling, teacher forcing and understanding (see policies/janus.py).
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import operator
+import warnings
+from pathlib import Path
+
+import torch
+
+
+class PeftPolicy:
+    """Subclasses set `self.model` (the transformers model, or the PeftModel around it), `self.tokenizer`,
+    `self.device`, `self.version`, and `language_model_path` (the module LoRA and checkpointing act on)."""
+
+    modalities: tuple[str, ...] = ("image", "text")
+
+    @staticmethod
+    def load_frozen(model_cls, processor_cls, name_or_path, dtype, device, quantization: str | None,
+                    attn_implementation: str | None, skip_modules: list[str]):
+        """(processor, frozen model in eval mode) from a hub id or local directory; `quantization: 4bit`
+        puts the base in NF4 (bitsandbytes) except `skip_modules` (full module paths: transformers 5.x
+        matches them from the start of the name)."""
+        kwargs = {"dtype": dtype}
+        if attn_implementation:
+            kwargs["attn_implementation"] = attn_implementation
+        if quantization == "4bit":
+            from transformers import BitsAndBytesConfig
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
+                llm_int8_skip_modules=list(skip_modules))
+            kwargs["device_map"] = {"": str(device)}
+        elif quantization:
+            raise ValueError(f"quantization must be null or '4bit', got {quantization!r}")
+        processor = processor_cls.from_pretrained(str(name_or_path))
+        model = model_cls.from_pretrained(str(name_or_path), **kwargs)
+        if not quantization:
+            model.to(device)
+        model.eval()
+        model.requires_grad_(False)
+        return processor, model
+
+    @property
+    def base(self):
+        """The transformers model inside (adapters, if any, are injected in it)."""
+        return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+
+    language_model_path = "model.language_model"  # where LoRA and gradient checkpointing act, in `base`
+
+    @property
+    def language_model(self):
+        return operator.attrgetter(self.language_model_path)(self.base)
+
+    @property
+    def has_adapter(self) -> bool:
+        return hasattr(self.model, "peft_config")
+
+    def attach_lora(self, r: int, alpha: int, dropout: float, target_modules):
+        """A fresh LoRA adapter (B = 0: the policy starts equal to the reference) on `target_modules`."""
+        from peft import LoraConfig, get_peft_model
+
+        if self.has_adapter:
+            raise RuntimeError("this policy already has an adapter")
+        if getattr(self.base, "is_loaded_in_4bit", False):
+            from peft import prepare_model_for_kbit_training
+            self.model = prepare_model_for_kbit_training(self.model, use_gradient_checkpointing=False)
+        config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
+                            init_lora_weights=True)
+        with warnings.catch_warnings():  # PEFT asks transformers' deprecated `is_gradient_checkpointing`
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            self.model = get_peft_model(self.model, config)
+        return self
+
+    def load_adapter(self, path: str | Path, trainable: bool = True):
+        """Attach a saved PEFT adapter (standard `adapter_config.json` + safetensors)."""
+        from peft import PeftModel
+
+        with warnings.catch_warnings():  # PEFT asks transformers' deprecated `is_gradient_checkpointing`
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            self.model = PeftModel.from_pretrained(self.model, str(path), is_trainable=trainable)
+        self.model.to(self.device)
+        return self
+
+    def trainable_parameters(self):
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        from peft import get_peft_model_state_dict
+        return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(self.model).items()}
+
+    def set_adapter_state_dict(self, state: dict[str, torch.Tensor], version: int | None = None):
+        from peft import set_peft_model_state_dict
+        result = set_peft_model_state_dict(self.model, state)
+        unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
+        if unexpected:
+            raise ValueError(f"adapter tensors do not fit this policy: {unexpected[:3]}...")
+        if version is not None:
+            self.version = version
+
+    def save_adapter(self, path: str | Path):
+        self.model.save_pretrained(str(path))
+
+    def load_adapter_weights(self, path: str | Path, version: int | None = None):
+        """Replace the current adapter's tensors with those saved in `path` (a checkpoint's adapter/)."""
+        from safetensors.torch import load_file
+        self.set_adapter_state_dict(load_file(str(Path(path) / "adapter_model.safetensors")), version)
+
+    def reference(self):
+        """Context in which the model is the frozen base: the adapter disabled (no second copy)."""
+        return self.model.disable_adapter() if self.has_adapter else contextlib.nullcontext()
+
+    def gradient_checkpointing(self, enable: bool = True):
+        lm = self.language_model
+        if enable:
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if self.has_adapter:
+                self.model.enable_input_require_grads()
+        else:
+            lm.gradient_checkpointing_disable()
+
+    def vq_fingerprint(self) -> str:
+        """Identifies the image tokenizer: same key -> same tokens for the same image bytes (its config
+        and, cheaply, a few of its weights: `vq_weights`)."""
+        cfg = self.base.config
+        return fingerprint(str(getattr(cfg, "_name_or_path", "")), cfg.vq_config.to_dict(), *self.vq_weights())
+
+    def vq_weights(self) -> tuple:
+        raise NotImplementedError
+
+    def yes_no_ids(self) -> tuple[list[int], list[int]]:
+        """The single-token spellings of "yes" and "no" in the tokenizer (for `yes_probability`)."""
+        def ids(words):
+            out = set()
+            for w in words:
+                enc = self.tokenizer.encode(w, add_special_tokens=False)
+                if enc and enc[0] != self.tokenizer.unk_token_id:
+                    out.add(enc[0])
+            return sorted(out)
+        yes, no = ids(["yes", "Yes", " yes", " Yes", "YES"]), ids(["no", "No", " no", " No", "NO"])
+        if not yes or not no:
+            raise ValueError("the tokenizer has no single token for 'yes' / 'no'")
+        return yes, no
+
+
+def fingerprint(*parts) -> str:
+    """A short hash of strings, JSON-able values and tensors (cache keys: same key, same model part)."""
+    h = hashlib.sha256()
+    for p in parts:
+        if isinstance(p, torch.Tensor):
+            h.update(p.detach().float().cpu().numpy().tobytes())
+        else:
+            h.update(json.dumps(p, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:20]
