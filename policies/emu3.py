@@ -107,6 +107,18 @@ class Emu3Policy(PeftPolicy):
         return cls(model, processor, device=device, dtype=dtype, image_area=image_area,
                    negative_prompt=negative_prompt)
 
+    @classmethod
+    def prompt_budget(cls, name_or_path, image_area: int | None = None) -> tuple:
+        """(tokenizer, prompt tokens that fit) from the tokenizer and config alone: the context minus the
+        layout of a generated image (h rows of w codes + EOL, then EOF, EOI, EOS; h = w = sqrt(area) / 8)."""
+        from transformers import AutoTokenizer, Emu3Config
+
+        config = Emu3Config.from_pretrained(str(name_or_path))
+        area = image_area or getattr(config, "uniloop_image_area", 0) or EMU3_DEFAULT_IMAGE_AREA
+        side = max(1, round(area ** 0.5 / 8))
+        room = config.text_config.max_position_embeddings - (side * (side + 1) + 3)
+        return AutoTokenizer.from_pretrained(str(name_or_path)), room
+
     # ------------------------------------------------------------------ structure
     emu3 = PeftPolicy.base  # the Emu3ForConditionalGeneration inside (adapters, if any, injected in it)
     language_model_path = "model.text_model"

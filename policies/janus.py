@@ -53,6 +53,16 @@ class JanusPolicy(PeftPolicy):
                                            quantization, attn_implementation, skip)
         return cls(model, processor, device=device, dtype=dtype)
 
+    @classmethod
+    def prompt_budget(cls, name_or_path) -> tuple:
+        """(tokenizer, prompt tokens that fit) from the checkpoint's tokenizer and config alone (no weights
+        load): the language model's context minus the image tokens a generation appends."""
+        from transformers import AutoTokenizer, JanusConfig
+
+        config = JanusConfig.from_pretrained(str(name_or_path))
+        room = config.text_config.max_position_embeddings - config.vision_config.num_image_tokens
+        return AutoTokenizer.from_pretrained(str(name_or_path)), room
+
     # ------------------------------------------------------------------ structure
     janus = PeftPolicy.base  # the JanusForConditionalGeneration inside (adapters, if any, injected in it)
 

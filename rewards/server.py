@@ -128,8 +128,9 @@ class JudgeServer(ThreadingHTTPServer):
 
     def __init__(self, address, engine: TransformersVLM, model_name: str, max_batch: int = 8,
                  batch_wait_s: float = 0.005, max_tokens_limit: int = 4096, api_key: str | None = None,
-                 test_faults: bool = False, log_requests: bool = False):
+                 test_faults: bool = False, log_requests: bool = False, max_request_bytes: int = 64 << 20):
         super().__init__(address, JudgeHandler)
+        self.max_request_bytes = max_request_bytes
         self.engine, self.model_name = engine, model_name
         self.batcher = Batcher(engine, max_batch, batch_wait_s)
         self.max_tokens_limit, self._api_key = max_tokens_limit, api_key
@@ -202,7 +203,16 @@ class JudgeHandler(BaseHTTPRequestHandler):
         if self.path not in ("/v1/chat/completions", "/chat/completions"):
             self._error(404, f"no route {self.path}")
             return
-        length = int(self.headers.get("Content-Length") or 0)
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            length = -1
+        if not 0 <= length <= self.server.max_request_bytes:
+            # refuse before reading: a huge declared body would otherwise be allocated in this process
+            self.close_connection = True
+            self._error(413 if length > 0 else 400, f"the request body must be 0..{self.server.max_request_bytes} "
+                        f"bytes (Content-Length {self.headers.get('Content-Length')!r}); see --max-request-mb")
+            return
         raw = self.rfile.read(length)
         self.server.count("requests")
         key = self.server._api_key
@@ -217,6 +227,10 @@ class JudgeHandler(BaseHTTPRequestHandler):
                 raise BadRequest("streaming is not supported")
             if int(body.get("n", 1)) != 1:
                 raise BadRequest("only n = 1 is supported")
+            if body.get("model") not in (None, self.server.model_name):
+                self._error(404, f"the model {body.get('model')!r} does not exist: this server serves "
+                            f"{self.server.model_name!r} (GET /v1/models)", "not_found_error")
+                return
             conv_msgs, images = openai_to_hf(body.get("messages"))
             max_tokens = int(body.get("max_completion_tokens") or body.get("max_tokens") or 256)
             if not 1 <= max_tokens <= self.server.max_tokens_limit:
@@ -256,6 +270,8 @@ def build_parser():
     p.add_argument("--device", default="cpu", help="torch device of the model (cpu, cuda, cuda:1)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--attn-implementation", default=None, help="transformers attention implementation")
+    p.add_argument("--max-request-mb", type=float, default=64.0,
+                   help="largest request body accepted (larger: HTTP 413 before reading it)")
     p.add_argument("--served-model-name", default=None, help="model name reported and accepted (default: MODEL)")
     p.add_argument("--max-batch-size", type=int, default=8, help="requests merged into one generate call")
     p.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long a request waits for others to batch with")
@@ -284,6 +300,7 @@ def main(argv=None) -> int:
     server = JudgeServer((args.host, args.port), engine, args.served_model_name or args.model,
                          max_batch=args.max_batch_size, batch_wait_s=args.batch_wait_ms / 1000,
                          max_tokens_limit=args.max_tokens_limit, api_key=key, test_faults=args.test_faults,
+                         max_request_bytes=int(args.max_request_mb * (1 << 20)),
                          log_requests=args.log_requests)
     host, port = server.server_address[:2]
 

@@ -44,7 +44,8 @@ def save_checkpoint(output_dir: str | Path, step: int, model=None, state: dict |
     if final.exists():
         shutil.rmtree(final)
     os.rename(tmp, final)
-    for old in sorted(p for p in root.glob("step_*") if (p / "COMPLETE").exists())[:-keep or None]:
+    keep = max(1, keep)  # the checkpoint just written is never deleted
+    for old in sorted(p for p in root.glob("step_*") if (p / "COMPLETE").exists())[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     for stale in root.glob(".tmp_step_*"):  # leftovers of a run killed mid-save
         if stale != tmp:

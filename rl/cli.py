@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -30,23 +31,52 @@ def train_main(argv=None) -> int:
     p.add_argument("config", nargs="?", help=f"YAML recipe (default: {DEFAULT_CONFIG})")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set grpo.learning_rate=1e-4 (repeatable)")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
+    p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint in output_dir")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="with --resume: accept settings that differ from the run's (both configs are kept)")
+    p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     args = p.parse_args(argv)
     from .algorithms import get_algorithm  # the trainers import torch: not needed for `uniloop --help`
     from .config import ConfigError
+    from .preference_data import PreferenceDataError
+    from .rundir import RunAborted, RunDirError, RunInterrupted
     from .validate import load_run_config
 
     path = Path(args.config) if args.config else default_config_path()
     try:
         cfg = load_run_config(path, args.overrides)
         algo = get_algorithm(cfg.algorithm)
-    except (ConfigError, ValueError) as e:
+        print(f"uniloop train: {path} -> {cfg.output_dir} ({cfg.algorithm})")
+        summary = algo(cfg, resume=args.resume, allow_config_change=args.allow_config_change)
+    except (ConfigError, RunDirError, PreferenceDataError) as e:
+        if args.debug:
+            raise
         print(f"uniloop train: {e}", file=sys.stderr)
         return 2
-    print(f"uniloop train: {path} -> {cfg.output_dir} ({cfg.algorithm})")
-    summary = algo(cfg, resume=args.resume)
+    except RunInterrupted as e:
+        print(f"uniloop train: {e}; checkpoint and summary written. Resume with:\n  {resume_command(argv)}",
+              file=sys.stderr)
+        return 130 if e.signal_name == "SIGINT" else 143
+    except RunAborted as e:
+        print(f"uniloop train: the run stopped: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"uniloop train: interrupted during a step; the last checkpoint is intact. Resume with:\n  "
+              f"{resume_command(argv)}", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - one line for the user; the traceback with --debug
+        if args.debug:
+            raise
+        print(f"uniloop train: error: {type(e).__name__}: {e} (run again with --debug for the traceback)",
+              file=sys.stderr)
+        return 1
     print_summary(summary)
     return 0
+
+
+def resume_command(argv) -> str:
+    words = ["uniloop", "train", *(argv if argv is not None else sys.argv[2:])]
+    return shlex.join(words + ([] if "--resume" in words else ["--resume"]))
 
 
 def print_summary(summary: dict):
@@ -105,7 +135,8 @@ def main(argv=None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if not sys.stderr.isatty():  # in a log file, per-file "Loading weights" bars are noise
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-        os.environ.setdefault("TQDM_DISABLE", "1")
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()
     cmd, rest = argv[0], argv[1:]
     if cmd == "train":
         return train_main(rest)

@@ -45,9 +45,9 @@ class ModelConfig:
 class LoraSection:
     """The LoRA adapter (PEFT) that is trained; the base stays frozen and is the reference model."""
 
-    r: int = uf(16, "LoRA rank.")
-    alpha: int = uf(32, "LoRA alpha (scale = alpha / r).")
-    dropout: float = uf(0.0, "LoRA dropout.")
+    r: int = uf(16, "LoRA rank.", ge=1)
+    alpha: int = uf(32, "LoRA alpha (scale = alpha / r).", gt=0)
+    dropout: float = uf(0.0, "LoRA dropout.", ge=0, lt=1)
     init_adapter: str | None = uf(None, "Start from a saved PEFT adapter directory instead of a fresh one.")
     target_modules: str | None = uf(None, "Regex (or comma-separated names) of the modules that get adapters; "
                                     "null = the family's default: the attention projections of the language "
@@ -58,24 +58,24 @@ class LoraSection:
 class RolloutConfig:
     """How rollouts are sampled (`rollout:`), in-process or on Ray actors, and how many per prompt."""
 
-    num_generations: int = uf(8, "Samples per prompt (the GRPO group size), as in TRL.")
-    cfg_scale: float = uf(5.0, "Classifier-free guidance scale for image sampling (<= 1 disables CFG).")
-    temperature: float = uf(1.0, "Sampling temperature (0 = greedy).")
-    top_k: int = uf(0, "Top-k filter for image tokens (0 = off).")
+    num_generations: int = uf(8, "Samples per prompt (the GRPO group size), as in TRL.", ge=1)
+    cfg_scale: float = uf(5.0, "Classifier-free guidance scale for image sampling (<= 1 disables CFG).", ge=0)
+    temperature: float = uf(1.0, "Sampling temperature (0 = greedy).", ge=0)
+    top_k: int = uf(0, "Top-k filter for image tokens (0 = off).", ge=0)
     sampler: str = uf("auto", "Image sampler: `auto` (the fast static-cache/CUDA-graph sampler on CUDA, the "
                       "plain loop on CPU), `plain` or `fast`. Same computation: bit-identical on CPU and in "
                       "float32; bf16 GPU samples drift apart after ~100 tokens (kernel rounding; BENCHMARKS.md).",
                       choices=["auto", "plain", "fast"])
-    max_new_tokens: int = uf(16, "Maximum answer length for text (understanding) rollouts.")
+    max_new_tokens: int = uf(16, "Maximum answer length for text (understanding) rollouts.", ge=1)
     logprob_mode: str = uf("cfg", "Which image distribution the ratio is computed on: `cfg` (the guided one "
                            "sampled from) or `conditional` (conditional branch only, T2I-R1 style).",
                            choices=["cfg", "conditional"])
-    batch_size: int = uf(64, "Samples generated per forward batch inside a worker.")
+    batch_size: int = uf(64, "Samples generated per forward batch inside a worker.", ge=0)
     num_workers: int = uf(0, "Ray rollout actors (0 = sample in-process, no Ray).")
     one_step_off: bool = uf(False, "Sample step k+1 while step k trains (needs num_workers > 0 and "
                              "max_staleness >= 1); the importance ratio uses the sampler's recorded log-probs.")
-    num_gpus_per_worker: float = uf(0.0, "GPUs per rollout actor (fractions allowed).")
-    num_cpus_per_worker: float = uf(1.0, "CPUs per rollout actor.")
+    num_gpus_per_worker: float = uf(0.0, "GPUs per rollout actor (fractions allowed).", ge=0)
+    num_cpus_per_worker: float = uf(1.0, "CPUs per rollout actor.", ge=0)
     max_staleness: int = uf(0, "Largest allowed gap between the learner's adapter version and a rollout's "
                             "(0 = strictly on-policy).")
     max_restarts: int = uf(3, "Restarts allowed per rollout actor before the run gives up.")
@@ -105,7 +105,7 @@ class RayConfig:
     """The Ray runtime, when rollout.num_workers > 0."""
 
     address: str | None = uf(None, "null = start a local Ray; `auto` or host:port = join a running cluster.")
-    num_cpus: int | None = uf(None, "CPUs for a local Ray (null = all).")
+    num_cpus: int | None = uf(None, "CPUs for a local Ray (null = all).", ge=1)
     temp_dir: str | None = uf(None, "Ray temp/session directory for a local Ray.")
 
 
@@ -113,11 +113,11 @@ class RayConfig:
 class OptimizerConfig:
     """AdamW and gradient clipping: the fields every learner section shares (TRL's TrainingArguments)."""
 
-    learning_rate: float = uf(1e-4, "AdamW learning rate for the adapter.")
-    weight_decay: float = uf(0.0, "AdamW weight decay.")
-    adam_beta1: float = uf(0.9, "AdamW beta1.")
-    adam_beta2: float = uf(0.999, "AdamW beta2.")
-    max_grad_norm: float = uf(1.0, "Gradient clipping norm (0 = off).")
+    learning_rate: float = uf(1e-4, "AdamW learning rate for the adapter.", gt=0)
+    weight_decay: float = uf(0.0, "AdamW weight decay.", ge=0)
+    adam_beta1: float = uf(0.9, "AdamW beta1.", ge=0, lt=1)
+    adam_beta2: float = uf(0.999, "AdamW beta2.", ge=0, lt=1)
+    max_grad_norm: float = uf(1.0, "Gradient clipping norm (0 = off).", ge=0)
 
 
 @dataclass
@@ -126,37 +126,37 @@ class GRPOConfig(OptimizerConfig):
     names follow TRL's GRPOConfig."""
 
     beta: float = uf(0.0, "KL coefficient (k3 estimator) to the adapter-disabled reference; 0 skips the "
-                     "reference pass.")
-    epsilon: float = uf(0.2, "Lower clip range of the importance ratio.")
-    epsilon_high: float | None = uf(None, "Upper clip range (null = epsilon); DAPO uses 0.28.")
+                     "reference pass.", ge=0)
+    epsilon: float = uf(0.2, "Lower clip range of the importance ratio.", gt=0)
+    epsilon_high: float | None = uf(None, "Upper clip range (null = epsilon); DAPO uses 0.28.", gt=0)
     max_invalid_fraction: float = uf(0.5, "Abort when the fraction of samples with an invalid reward stays "
-                                     "above this for `invalid_patience` steps.")
-    invalid_patience: int = uf(3, "Consecutive steps above max_invalid_fraction before aborting.")
+                                     "above this for `invalid_patience` steps.", ge=0, le=1)
+    invalid_patience: int = uf(3, "Consecutive steps above max_invalid_fraction before aborting.", ge=1)
     flat_group_warning: float = uf(0.9, "Warn when at least this fraction of prompt groups has identical rewards "
-                                   "(no learning signal) ...")
-    flat_group_patience: int = uf(10, "... for this many consecutive steps (0 = never warn).")
-    eval_samples_per_prompt: int = uf(4, "Samples per task prompt at each evaluation (grpo.eval_steps).")
+                                   "(no learning signal) ...", ge=0, le=1)
+    flat_group_patience: int = uf(10, "... for this many consecutive steps (0 = never warn).", ge=0)
+    eval_samples_per_prompt: int = uf(4, "Samples per task prompt at each evaluation (grpo.eval_steps).", ge=0)
     eval_steps: int = uf(0, "Evaluate before the first step and every N steps (0 = never): every task prompt "
                          "sampled eval_samples_per_prompt times with fixed seeds, scored by the reward mixture, "
-                         "logged as eval/reward/<name>/mean (a learning curve without the per-step noise).")
+                         "logged as eval/reward/<name>/mean (a learning curve without the per-step noise).", ge=0)
     importance_sampling_level: str = uf("token", "Policy loss (registry `rl.losses.register_policy_loss`): `token` "
                                         "(one ratio per token: GRPO/PPO) or `sequence` (one ratio per sequence "
                                         "from its mean token log-ratio: GSPO), as TRL's option of this name.",
                                         choices=lambda: sorted(POLICY_LOSSES))
-    text_loss_weight: float = uf(1.0, "Weight of the text-token loss when a step mixes image and text tasks.")
+    text_loss_weight: float = uf(1.0, "Weight of the text-token loss when a step mixes image and text tasks.", ge=0)
     loss_type: str = uf("grpo", "Loss aggregation (registry `rl.losses.register_loss_aggregation`): `grpo` (mean per "
                         "sequence, then over sequences), `bnpo` (token mean over the optimizer step), `dr_grpo` "
                         "(sum / constant max_completion_length), `dapo` (TRL's: token sum / the rollout batch's "
                         "tokens per optimizer step).", choices=lambda: sorted(LOSS_AGGREGATIONS))
-    image_loss_weight: float = uf(1.0, "Weight of the image-token loss when a step mixes image and text tasks.")
-    num_iterations: int = uf(1, "Inner updates per rollout batch (TRL's num_iterations; mu in the GRPO paper).")
-    max_steps: int = uf(100, "Training steps (each = one rollout batch).")
+    image_loss_weight: float = uf(1.0, "Weight of the image-token loss when a step mixes image and text tasks.", ge=0)
+    num_iterations: int = uf(1, "Inner updates per rollout batch (TRL's num_iterations; mu in the GRPO paper).", ge=1)
+    max_steps: int = uf(100, "Training steps (each = one rollout batch).", ge=1)
     per_device_train_batch_size: int = uf(16, "Samples per forward/backward micro-batch (0 = the largest that "
-                                          "fits in free GPU memory).")
+                                          "fits in free GPU memory).", ge=0)
     gradient_accumulation_steps: int = uf(1, "Micro-batches accumulated per optimizer step: each inner iteration "
-                                         "takes one optimizer step per this many micro-batches.")
+                                         "takes one optimizer step per this many micro-batches.", ge=1)
     std_floor: float = uf(1e-4, "Groups whose reward std is below this get zero advantage (no illusory "
-                          "advantages from near-identical samples).")
+                          "advantages from near-identical samples).", ge=0)
     scale_rewards: str = uf("group", "Advantage scaling: `group` std, `batch` std, or `none` (Dr. GRPO).",
                             choices=["group", "batch", "none"])
     advantage_estimator: str = uf("grpo", "Advantage estimator (registry `rl.losses.register_advantage_estimator`): "
@@ -170,7 +170,7 @@ class ImageTaskConfig:
 
     prompts: list[str] = uf(help="Generation prompts (prompt -> image).", factory=list)
     prompts_file: str | None = uf(None, "A text file (one prompt per line) or JSONL with a `prompt` field.")
-    prompts_per_step: int = uf(4, "Prompts drawn per step; each is sampled num_generations times.")
+    prompts_per_step: int = uf(4, "Prompts drawn per step; each is sampled num_generations times.", ge=1)
 
 
 @dataclass
@@ -180,7 +180,7 @@ class TextTaskConfig:
     synthetic_colors: list[str] = uf(help="Solid-color images to ask about (the synthetic task).", factory=list)
     question: str = uf("What color is this image?", "Question asked about synthetic images.")
     data_file: str | None = uf(None, "JSONL with `image` (path relative to the file), `question`, `answer`.")
-    prompts_per_step: int = uf(4, "(image, question) pairs drawn per step, each answered num_generations times.")
+    prompts_per_step: int = uf(4, "(image, question) pairs drawn per step, each answered num_generations times.", ge=1)
 
 
 @dataclass
@@ -217,10 +217,10 @@ class LoggingConfig:
 
     progress_bar: bool = uf(True, "Show progress: a bar on a terminal, a line every ~5% of the steps in a log file.")
     tensorboard: bool = uf(True, "Write TensorBoard events.")
-    log_every: int = uf(1, "Write metrics every N steps.")
-    image_grid_every: int = uf(10, "Save a PNG grid of sampled images every N steps (0 = never).")
-    save_every: int = uf(25, "Checkpoint every N steps (0 = only at the end).")
-    keep_checkpoints: int = uf(2, "Checkpoints kept on disk.")
+    log_every: int = uf(1, "Write metrics every N steps.", ge=1)
+    image_grid_every: int = uf(10, "Save a PNG grid of sampled images every N steps (0 = never).", ge=0)
+    save_every: int = uf(25, "Checkpoint every N steps (0 = only at the end).", ge=0)
+    keep_checkpoints: int = uf(2, "Checkpoints kept on disk.", ge=1)
 
 
 @dataclass
@@ -233,16 +233,16 @@ class SyntheticPreferenceConfig:
                           "another color's) and/or `understanding` (the right color word preferred).",
                           factory=lambda: ["generation", "understanding"])
     pairs_per_combination: int = uf(4, "Pairs per (right color, wrong color) combination and kind; they differ "
-                                    "in pixel noise.")
+                                    "in pixel noise.", ge=1)
     prompt_template: str = uf("a {color} image", "Generation prompt; `{color}` is replaced by the color name.")
     question: str = uf("What color is this image? Answer in one word.", "Question of the understanding pairs.")
-    noise: float = uf(0.05, "Std of the pixel noise added to the synthetic images.")
+    noise: float = uf(0.05, "Std of the pixel noise added to the synthetic images.", ge=0)
     palette_tokens: bool = uf(True, "Also store the tiny model's exact palette token ids (`chosen_tokens`) in "
                               "the generation records, used instead of VQ-encoding the PNGs: the tiny VQ "
                               "encoder is crude (it maps many solid colors to a neighbouring code). Ignored "
                               "unless the model is `tiny`.")
     eval_fraction: float = uf(0.25, "Fraction of the (right color, wrong color) combinations held out: their "
-                              "pairs go to the eval file only.")
+                              "pairs go to the eval file only.", ge=0, lt=1)
 
 
 @dataclass
@@ -253,7 +253,8 @@ class PreferenceDataConfig:
                           "or hub dataset ids; see README 'Preference data'.", factory=list)
     eval: list[str] = uf(help="Held-out preference data (same forms); empty = hold out `eval_fraction` of "
                          "the training pairs.", factory=list)
-    eval_fraction: float = uf(0.1, "Fraction of the training pairs held out for evaluation when `eval` is empty.")
+    eval_fraction: float = uf(0.1, "Fraction of the training pairs held out for evaluation when `eval` is empty.",
+                              ge=0, lt=1)
     split: str = uf("train", "Split read from `datasets` sources that hold several.")
     eval_split: str = uf("test", "Split read from `datasets` sources listed under `eval`.")
     skip_invalid: bool = uf(False, "Skip bad records (missing/corrupt image, missing field, wrong type) and "
@@ -270,7 +271,7 @@ class PreferenceDataConfig:
 class DPOConfig(OptimizerConfig):
     """DPO and online DPO (option names follow TRL's DPOConfig)."""
 
-    learning_rate: float = uf(1e-5, "AdamW learning rate for the adapter (DPO wants less than GRPO).")
+    learning_rate: float = uf(1e-5, "AdamW learning rate for the adapter (DPO wants less than GRPO).", gt=0)
     beta: float = uf(0.1, "Temperature of the implicit reward beta*(log pi - log ref); for `ipo` the "
                      "regularisation tau. As in TRL.")
     loss_type: list[str] | str = uf(help="DPO loss(es) by name (registry `rl.losses.register_dpo_loss`): sigmoid, "
@@ -281,34 +282,35 @@ class DPOConfig(OptimizerConfig):
     label_smoothing: float = uf(0.0, "Probability that a preference label is flipped: `robust` (rDPO) and "
                                 "`sigmoid` (cDPO) use it; must be in [0, 0.5).")
     rpo_alpha: float | None = uf(None, "Weight of an extra NLL (SFT) term on the chosen sample (RPO); null = off.")
-    per_device_eval_batch_size: int = uf(16, "Pairs per forward in evaluation.")
-    per_device_train_batch_size: int = uf(8, "Pairs per forward/backward micro-batch.")
-    gradient_accumulation_steps: int = uf(1, "Micro-batches per optimizer step.")
-    max_steps: int = uf(100, "Optimizer steps (offline DPO) or sample-rank-train rounds (online DPO).")
+    per_device_eval_batch_size: int = uf(16, "Pairs per forward in evaluation.", ge=1)
+    per_device_train_batch_size: int = uf(8, "Pairs per forward/backward micro-batch.", ge=1)
+    gradient_accumulation_steps: int = uf(1, "Micro-batches per optimizer step.", ge=1)
+    max_steps: int = uf(100, "Optimizer steps (offline DPO) or sample-rank-train rounds (online DPO).", ge=1)
     def __post_init__(self):
         if isinstance(self.loss_type, str):
             self.loss_type = [self.loss_type]
     online_pairs_per_prompt: int = uf(1, "online_dpo / `uniloop pairs`: pairs taken from each prompt's candidates: "
                                       "1 = (best, worst) as in UnifiedReward; k = the i-th best against the i-th "
                                       "worst for i < k (at most num_generations // 2), each kept only if separated "
-                                      "by online_margin. More pairs per sampled batch, at more DPO compute.")
+                                      "by online_margin. More pairs per sampled batch, at more DPO compute.", ge=1)
 
     online_margin: float = uf(0.0, "online_dpo / `uniloop pairs`: keep a prompt's (best, worst) pair only if "
-                              "their scores differ by more than this; others are dropped.")
-    online_updates: int = uf(1, "online_dpo: optimizer steps on each round of fresh pairs.")
+                              "their scores differ by more than this; others are dropped.", ge=0)
+    online_updates: int = uf(1, "online_dpo: optimizer steps on each round of fresh pairs.", ge=1)
     precompute_ref_log_probs: bool = uf(False, "Compute the reference (adapter-disabled) log-probs of every "
                                         "training pair once before training and cache them in <output_dir>, "
                                         "instead of a reference forward per step.")
     precompute_ref_batch_size: int | None = uf(None, "Pairs per forward while precomputing (null = "
-                                               "per_device_eval_batch_size).")
+                                               "per_device_eval_batch_size).", ge=1)
     logprob_mode: str = uf("conditional", "Offline DPO: image log-probs from the conditional branch "
                            "(`conditional`) or the CFG-guided distribution (`cfg`, uses cfg_scale, doubles the "
                            "forward). online_dpo uses rollout.logprob_mode / rollout.cfg_scale, what it samples "
                            "with.", choices=["conditional", "cfg"])
-    cfg_scale: float = uf(5.0, "Offline DPO: guidance scale of the `cfg` log-prob mode.")
+    cfg_scale: float = uf(5.0, "Offline DPO: guidance scale of the `cfg` log-prob mode.", ge=0)
     eval_steps: int = uf(10, "Evaluate on the held-out pairs (and sample the tasks, if any) every N steps "
-                         "(0 = only before and after training).")
-    eval_samples_per_prompt: int = uf(2, "Samples per task prompt at each evaluation (fixed seeds), scored by the rewards.")
+                         "(0 = only before and after training).", ge=0)
+    eval_samples_per_prompt: int = uf(2, "Samples per task prompt at each evaluation (fixed seeds), scored by the "
+                                      "rewards.", ge=0)
 
     def _validate(self, prefix, src):
         known = sorted(DPO_LOSSES)
@@ -341,22 +343,23 @@ class FlowConfig:
     device: str = uf("cpu", "Device of the pipeline (cpu, cuda, cuda:1).")
     load_t5: bool = uf(True, "Load the T5 text encoder; false feeds zeros in its place (saves ~9 GB for SD3.5, "
                        "weaker prompt following).")
-    max_sequence_length: int = uf(256, "T5 prompt length in tokens (with load_t5 false: the length of the zero block).")
+    max_sequence_length: int = uf(256, "T5 prompt length in tokens (with load_t5 false: the length of the zero "
+                                  "block).", ge=1)
     lora_target_modules: list[str] = uf(help="Transformer modules that get LoRA adapters (Flow-GRPO's attention "
                                         "projections); r, alpha, dropout and init_adapter come from `lora`.",
                                         factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
     gradient_checkpointing: bool = uf(False, "Recompute transformer activations in the backward pass (saves memory).")
     noise_level: float = uf(0.7, "The SDE noise level a in sigma_t = a*sqrt(t/(1-t)) (Flow-GRPO: 0.7); > 0.")
     cfg_scale: float = uf(4.5, "Classifier-free guidance scale for sampling and for the recomputed log-probs "
-                          "(<= 1 disables CFG and halves the cost).")
-    num_steps: int = uf(10, "Denoising steps per sample (Flow-GRPO trains with 10 and evaluates with 40).")
-    resolution: int = uf(0, "Image side in pixels (0 = the model's default: sample_size x VAE factor).")
-    sample_batch_size: int = uf(0, "Samples per forward batch while sampling (0 = all at once).")
+                          "(<= 1 disables CFG and halves the cost).", ge=0)
+    num_steps: int = uf(10, "Denoising steps per sample (Flow-GRPO trains with 10 and evaluates with 40).", ge=1)
+    resolution: int = uf(0, "Image side in pixels (0 = the model's default: sample_size x VAE factor).", ge=0)
+    sample_batch_size: int = uf(0, "Samples per forward batch while sampling (0 = all at once).", ge=0)
     train_timestep_fraction: float = uf(1.0, "Fraction of the num_steps transitions trained per step, drawn at "
                                         "random each step (< 1 trades signal for speed).")
     train_timesteps: list[int] = uf(help="Explicit transition indices to train (0 = the first, noisiest step); "
                                     "overrides train_timestep_fraction when non-empty.", factory=list)
-    adv_clip_max: float = uf(5.0, "Flow-GRPO clips advantages to [-adv_clip_max, adv_clip_max].")
+    adv_clip_max: float = uf(5.0, "Flow-GRPO clips advantages to [-adv_clip_max, adv_clip_max].", gt=0)
     dpo_timestep_sampling: str = uf("uniform", "Diffusion-DPO: how each pair's flow time t is drawn: `uniform`, "
                                     "or `logit_normal` (SD3's training distribution).",
                                     choices=["uniform", "logit_normal"])

@@ -17,9 +17,10 @@ from typing import Any, Literal
 import yaml
 
 
-def uf(default=dataclasses.MISSING, help: str = "", choices=None, factory=None):
-    """A dataclass field with help text (and optional allowed values: a tuple, or a callable giving them)."""
-    meta = {"help": help}
+def uf(default=dataclasses.MISSING, help: str = "", choices=None, factory=None, ge=None, gt=None, le=None, lt=None):
+    """A dataclass field with help text, optional allowed values (a tuple, or a callable giving them) and
+    optional bounds for numbers (ge: >=, gt: >, le: <=, lt: <; checked at load, None values exempt)."""
+    meta = {"help": help, "bounds": {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if v is not None}}
     if choices is not None:
         meta["choices"] = choices if callable(choices) else tuple(choices)
     if factory is not None:
@@ -64,6 +65,9 @@ def _compose_with_lines(text: str, file: str) -> tuple[Any, dict[str, int]]:
         if isinstance(n, yaml.MappingNode):
             for k, v in n.value:
                 key = f"{prefix}.{k.value}" if prefix else str(k.value)
+                if key in lines:  # YAML would silently keep the last one
+                    raise ConfigError(f"{file}:{k.start_mark.line + 1}: key '{key}' appears twice (first at line "
+                                      f"{lines[key]}); keep one")
                 lines[key] = k.start_mark.line + 1
                 walk(v, key)
         elif isinstance(n, yaml.SequenceNode):
@@ -162,6 +166,7 @@ def _build(cls, data: dict, prefix: str, src: _Src):
             choices = tuple(choices())
         if choices is not None and value not in choices:
             raise ConfigError(f"{src.where(key)}: key '{key}' must be one of {list(choices)}, got {value!r}")
+        _check_bounds(value, known[k].metadata.get("bounds") or {}, key, src)
         kwargs[k] = value
     missing = [f.name for f in known.values()
                if f.name not in kwargs and f.default is dataclasses.MISSING
@@ -176,13 +181,26 @@ def _build(cls, data: dict, prefix: str, src: _Src):
     return obj
 
 
+_BOUNDS = {"ge": (">=", lambda v, b: v >= b), "gt": (">", lambda v, b: v > b),
+           "le": ("<=", lambda v, b: v <= b), "lt": ("<", lambda v, b: v < b)}
+
+
+def _check_bounds(value, bounds: dict, key: str, src: _Src):
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    for name, bound in bounds.items():
+        sign, ok = _BOUNDS[name]
+        if not ok(value, bound):
+            raise ConfigError(f"{src.where(key)}: key '{key}' must be {sign} {bound}, got {value!r}")
+
+
 def _set_dotted(data: dict, dotted: str, value):
     parts = dotted.split(".")
     cur = data
     for i, p in enumerate(parts[:-1]):
         if "[" in p:  # rewards[0].weight
             name, idx = p[:-1].split("[")
-            cur = cur.setdefault(name, [])[int(idx)]
+            cur = _list_item(cur.setdefault(name, []), name, idx, dotted)
             continue
         nxt = cur.get(p)
         if nxt is None:
@@ -193,9 +211,24 @@ def _set_dotted(data: dict, dotted: str, value):
     last = parts[-1]
     if "[" in last:
         name, idx = last[:-1].split("[")
-        cur[name][int(idx)] = value
+        items = cur.get(name) or []
+        _list_item(items, name, idx, dotted)
+        items[int(idx)] = value
     else:
         cur[last] = value
+
+
+def _list_item(items, name: str, idx: str, dotted: str):
+    """items[idx] for a --set path, or a clear error (not an index, not a list, out of range)."""
+    if not isinstance(items, list):
+        raise ConfigError(f"--set {dotted}: '{name}' is not a list")
+    if not idx.lstrip("-").isdigit():
+        raise ConfigError(f"--set {dotted}: '{idx}' is not a list index")
+    if not -len(items) <= int(idx) < len(items):
+        have = f"{name}[0]..{name}[{len(items) - 1}]" if items else "none"
+        raise ConfigError(f"--set {dotted}: the config has {len(items)} {name} entries ({have}); "
+                          f"set the whole list to add one, e.g. --set '{name}=[...]'")
+    return items[int(idx)]
 
 
 def parse_overrides(items: list[str] | None) -> list[tuple[str, Any]]:
@@ -222,7 +255,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             p = Path(path)
             if not p.exists():
                 raise ConfigError(f"{file}: config file not found")
-            text = p.read_text()
+            if p.is_dir():
+                raise ConfigError(f"{file}: is a directory, not a YAML config file")
+            try:
+                text = p.read_text()
+            except (OSError, UnicodeDecodeError) as e:
+                raise ConfigError(f"{file}: cannot read the config: {e}") from None
+            if not text.strip():
+                raise ConfigError(f"{file}: the config file is empty")
     data, lines = _compose_with_lines(text, file)
     if data is None:
         data = {}

@@ -34,6 +34,7 @@ class GRPOTrainer(Trainer):
     """GRPO on a unified policy's image and text rollouts; `train_step` is the one function to read."""
 
     section = "grpo"
+    min_generations = 2  # a group of one sample has zero advantage: validation refuses it
 
     def setup(self, worker_pool=None):
         if self.rewards is None:
@@ -66,7 +67,7 @@ class GRPOTrainer(Trainer):
         self.step = step
         metrics = {**reward_metrics(scored, self.rewards), **health_metrics(scored), **update_metrics, **times,
                    "time/update": t1 - t0, "adapter/version": self.policy.version, **self.workers.metrics()}
-        self.check_invalid(metrics)
+        self.check_invalid(metrics, scored)
         self.watch_learning_signal(metrics)
         return StepResult(metrics, scored)
 

@@ -20,6 +20,7 @@ from ..rewards.base import build_mixture
 from ..rollouts.job import load_items, run_job as run_rollout_job
 from .checkpoint import latest_checkpoint
 from .config import ConfigError, load_config
+from .rundir import RunDirError, RunLock, check_writable
 from .trainer import policy_spec, sampling_settings
 
 
@@ -46,11 +47,15 @@ def job_manifest(cfg, items, spec) -> dict:
         h.update(json.dumps([it.index, it.kind, it.prompt, it.target, it.image_ref]).encode())
     r = cfg.rollout
     adapter = spec.lora.init_adapter if spec.lora is not None else None
+    # every reward setting changes the records' totals: a resumed job with other rewards would mix them
+    rewards = [{"name": rc.name, "type": rc.type or rc.name, "weight": rc.weight, "normalize": rc.normalize,
+                "clip": rc.clip, "args": rc.args} for rc in cfg.rewards]
     return {"prompts": str(Path(cfg.job.prompts).absolute()), "num_prompts": len(items),
             "prompts_sha256": h.hexdigest(),
             "samples_per_prompt": cfg.job.samples_per_prompt, "seed": cfg.seed, "model": spec.name_or_path,
             "adapter": adapter, "cfg_scale": r.cfg_scale, "temperature": r.temperature, "top_k": r.top_k,
-            "max_new_tokens": r.max_new_tokens}
+            "max_new_tokens": r.max_new_tokens, "rewards": json.loads(json.dumps(rewards)),
+            "reward_combine": cfg.reward_combine}
 
 
 def run_job(cfg, progress: bool = True, on_shard=None) -> dict:
@@ -62,10 +67,12 @@ def run_job(cfg, progress: bool = True, on_shard=None) -> dict:
     spec = policy_spec(cfg)
     spec = resolve_checkpoint(dataclasses.replace(
         spec, lora=dataclasses.replace(spec.lora, init_adapter=adapter) if adapter else None))
-    rewards = build_mixture(cfg.rewards, cfg.reward_combine)
-    return run_rollout_job(cfg.job, items, spec, sampling_settings(cfg), cfg.rollout, rewards, Path(cfg.output_dir),
-                           cfg.seed, job_manifest(cfg, items, spec), ray_cfg=cfg.ray, progress=progress,
-                           on_shard=on_shard)
+    with RunLock(cfg.output_dir, what="rollout job"):
+        check_writable(Path(cfg.output_dir))
+        rewards = build_mixture(cfg.rewards, cfg.reward_combine)
+        return run_rollout_job(cfg.job, items, spec, sampling_settings(cfg), cfg.rollout, rewards,
+                               Path(cfg.output_dir), cfg.seed, job_manifest(cfg, items, spec), ray_cfg=cfg.ray,
+                               progress=progress, on_shard=on_shard)
 
 
 def main(argv=None) -> int:
@@ -85,7 +92,7 @@ def main(argv=None) -> int:
         return 2
     try:
         summary = run_job(cfg, progress=True)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, RunDirError) as e:
         print(f"uniloop rollout: {e}", file=sys.stderr)
         return 2
     print(f"uniloop rollout: {summary['records']} samples of {summary['prompts']} prompts in {cfg.output_dir} "

@@ -1,32 +1,45 @@
 """The one training loop: any registered algorithm's trainer, stepped to max_steps.
 
-    train(cfg, TrainerClass)          prepare the run directory, save the config, build the trainer
+    train(cfg, TrainerClass)          own the run directory (rl/rundir.py), record the config, build the trainer
       run(trainer, resume)            resume -> [evaluate step 0] -> step, evaluate, log, grid, checkpoint
                                       -> summary.json (first vs last 10% of steps, first vs last evaluation)
+
+Stopping is clean whatever stops it: SIGINT/SIGTERM finish the step, save a checkpoint, write the
+summary and raise RunInterrupted (a second signal abandons the step at once); a run that aborts
+itself (invalid rewards) logs the step first; a full disk says which checkpoint is intact.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import math
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
 from .checkpoint import latest_checkpoint
-from .config import save_config
-from .runlog import RunLogger, prepare_run_dir, read_metrics
+from .rundir import (RunAborted, RunDirError, RunInterrupted, RunLock, check_resume, check_writable, prepare_run_dir,
+                     record_config)
+from .runlog import RunLogger, read_metrics
 from .trainer import Trainer
 
 
-def train(cfg, trainer_cls: type[Trainer], resume: bool = False) -> dict:
+def train(cfg, trainer_cls: type[Trainer], resume: bool = False, allow_config_change: bool = False) -> dict:
     """Run one training job of `trainer_cls` as `cfg` describes; returns the summary."""
-    prepare_run_dir(cfg.output_dir, resume)  # a fresh run never mixes its files with an earlier one's
-    trainer_cls.prepare_config(cfg)
-    Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-    save_config(cfg, Path(cfg.output_dir) / "config.yaml")
-    return run(trainer_cls(cfg), resume)
+    run_dir = Path(cfg.output_dir)
+    with RunLock(run_dir):
+        if resume:
+            check_resume(run_dir)
+        prepare_run_dir(run_dir, resume)  # a fresh run never mixes its files with an earlier one's
+        trainer_cls.prepare_config(cfg)
+        check_writable(run_dir)
+        record_config(cfg, run_dir, resume, allow_config_change)
+        return run(trainer_cls(cfg), resume)
 
 
 def run(trainer: Trainer, resume: bool = False) -> dict:
@@ -39,35 +52,93 @@ def run(trainer: Trainer, resume: bool = False) -> dict:
     total = trainer.max_steps
     progress = Progress(total, trainer.step, getattr(trainer, "algorithm_name", type(trainer).__name__),
                         enabled=log_cfg.progress_bar)
+    stop = StopRequest()
     try:
-        if trainer.step == 0:
-            start = dict(trainer.start_metrics())
-            if trainer.eval_due(0):
-                start.update(trainer.evaluate())  # the baseline later evaluations compare against
-            if start:
-                logger.log(0, start)
-        while trainer.step < total:
-            result = trainer.train_step()
-            step, metrics = trainer.step, result.metrics
-            last = step == total
-            evaluated = trainer.eval_due(step)
-            if evaluated:
-                metrics.update(trainer.evaluate())
-            if step % log_cfg.log_every == 0 or last or evaluated:
-                logger.log(step, metrics)
-            if log_cfg.image_grid_every and (step % log_cfg.image_grid_every == 0 or step == 1):
-                sample_grid(logger, step, result.samples)
-            if (log_cfg.save_every and step % log_cfg.save_every == 0) or last:
-                trainer.save()
-            progress.update(step, metrics)
+        with stop.installed(), disk_full_message(run_dir):
+            if trainer.step == 0:
+                start = dict(trainer.start_metrics())
+                if trainer.eval_due(0):
+                    start.update(trainer.evaluate())  # the baseline later evaluations compare against
+                if start:
+                    logger.log(0, start)
+            while trainer.step < total:
+                try:
+                    result = trainer.train_step()
+                except RunAborted as e:  # the step that triggered it is logged before the run stops
+                    logger.log(trainer.step, e.metrics)
+                    raise
+                step, metrics = trainer.step, result.metrics
+                last = step == total
+                evaluated = trainer.eval_due(step)
+                if evaluated:
+                    metrics.update(trainer.evaluate())
+                if step % log_cfg.log_every == 0 or last or evaluated or stop.requested:
+                    logger.log(step, metrics)
+                if log_cfg.image_grid_every and (step % log_cfg.image_grid_every == 0 or step == 1):
+                    sample_grid(logger, step, result.samples)
+                if (log_cfg.save_every and step % log_cfg.save_every == 0) or last or stop.requested:
+                    trainer.save()
+                progress.update(step, metrics)
+                if stop.requested and not last:
+                    raise RunInterrupted(step, stop.requested)
     finally:
         progress.close()
         logger.close()
         trainer.close()
+        summary = write_summary(run_dir)  # also when the run stops early
+    return summary
+
+
+def write_summary(run_dir: Path) -> dict:
     summary = summarize(read_metrics(run_dir / "metrics.jsonl"))
     summary.update(per_prompt_summary(run_dir / "eval_samples"))
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    try:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    except OSError as e:  # a full disk: the metrics and checkpoints are what matters, say so and go on
+        print(f"warning: could not write {run_dir / 'summary.json'}: {e}", file=sys.stderr)
     return summary
+
+
+class StopRequest:
+    """SIGINT / SIGTERM: the first asks the loop to stop after the current step (it checkpoints and writes
+    the summary), a second one abandons the step at once (KeyboardInterrupt)."""
+
+    def __init__(self):
+        self.requested: str | None = None
+
+    def handle(self, signum, frame):
+        name = signal.Signals(signum).name
+        if self.requested:
+            raise KeyboardInterrupt(f"second {name}: the step was abandoned")
+        self.requested = name
+        print(f"\n{name}: finishing the current step, then saving a checkpoint (send it again to stop at once)",
+              file=sys.stderr, flush=True)
+
+    @contextlib.contextmanager
+    def installed(self):
+        if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+            yield self
+            return
+        old = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield self
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+
+
+@contextlib.contextmanager
+def disk_full_message(run_dir: Path):
+    """A full disk while writing metrics or a checkpoint: say so, and which checkpoint is intact
+    (checkpoints are written to a temporary directory and renamed: a failed save leaves the last one)."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        ckpt = latest_checkpoint(run_dir)
+        raise RunDirError(f"the disk is full ({e.filename or run_dir}): the run stopped. The last complete "
+                          f"checkpoint is {ckpt or 'none'}; free some space and continue with --resume") from None
 
 
 # ----------------------------------------------------------------------------- summary

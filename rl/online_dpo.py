@@ -153,6 +153,8 @@ def pairs_from_rollout(batch, sel: Selection):
 class OnlineDPOTrainer(PreferenceTrainer):
     """Each round: sample -> score -> select pairs -> `dpo.online_updates` DPO steps on them."""
 
+    min_generations = 2  # a pair needs two candidates per prompt
+
     def setup(self, worker_pool=None):
         if self.rewards is None:
             raise ValueError("online_dpo ranks candidates with the reward mixture: configure `rewards`")

@@ -24,7 +24,8 @@ from ..rewards.builtin import named_color
 from ..rollouts.worker import RolloutRequest, RolloutWorker
 from .online_dpo import sample_rank_select
 from .config import ConfigError, load_config
-from .preference_data import PairToWrite, write_preference_jsonl
+from .preference_data import JSONL_NAME, PairToWrite, write_preference_jsonl
+from .rundir import RunDirError, RunLock
 from .tasks import build_tasks
 from .trainer import policy_spec, sampling_settings
 
@@ -70,13 +71,22 @@ def _record_meta(batch, mix, sel, k: int, model_id: str, seed: int) -> dict:
 
 def build_pairs(cfg, out_dir: str | Path, max_prompts: int | None = None, prompts_per_batch: int = 16,
                 policy=None) -> dict:
-    """Sample-rank-select over all task prompts once; write the dataset; return the summary."""
+    """Sample-rank-select over all task prompts once; write the dataset; return the summary. An output
+    directory that already holds a preference set is never overwritten."""
+    out_dir = Path(out_dir)
+    if (out_dir / JSONL_NAME).exists():
+        raise RunDirError(f"{out_dir} already holds a preference set ({out_dir / JSONL_NAME}): choose another --out, "
+                          f"or move that one away first (nothing is overwritten)")
+    with RunLock(out_dir, what="`uniloop pairs`"):
+        return _build_pairs(cfg, out_dir, max_prompts, prompts_per_batch, policy)
+
+
+def _build_pairs(cfg, out_dir: Path, max_prompts, prompts_per_batch, policy) -> dict:
     if not cfg.rewards:
         raise ValueError("uniloop pairs ranks samples with the reward mixture: configure `rewards`")
     if cfg.rollout.num_generations < 2:
         raise ValueError("uniloop pairs needs rollout.num_generations >= 2 candidates per prompt")
     margin = cfg.dpo.online_margin if cfg.dpo is not None else 0.0
-    out_dir = Path(out_dir)
     if policy is None:
         policy = build_policy(policy_spec(cfg))
     policy.model.eval()

@@ -3,28 +3,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import sys
 from pathlib import Path
 
 import torch
-
-
-def prepare_run_dir(output_dir: str | Path, resume: bool) -> Path | None:
-    """Before a fresh run (not --resume): if `output_dir` holds an earlier run (metrics.jsonl or
-    checkpoints/), move it aside to `<output_dir>.1` (.2, ...) rather than appending to its metrics
-    or leaving its checkpoints where a later --resume would pick them up. Returns where it went."""
-    d = Path(output_dir)
-    if resume or not ((d / "metrics.jsonl").exists() or (d / "checkpoints").exists()):
-        return None
-    k = 1
-    while d.with_name(f"{d.name}.{k}").exists():
-        k += 1
-    dest = d.with_name(f"{d.name}.{k}")
-    os.rename(d, dest)
-    print(f"output_dir {d} holds an earlier run: moved it to {dest} (pass --resume to continue a run instead)",
-          file=sys.stderr)
-    return dest
 
 
 def read_metrics(path: str | Path) -> list[dict]:

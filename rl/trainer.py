@@ -14,6 +14,7 @@ Order of construction (it fixes the random draws of a seed): seed -> policy (its
 from __future__ import annotations
 
 import random
+from collections import Counter
 from pathlib import Path
 from typing import NamedTuple, Sequence
 
@@ -26,6 +27,7 @@ from ..rewards.base import RewardMixture, build_mixture
 from ..rollouts.worker import RolloutWorker, Sampling
 from .checkpoint import resume_trainer, save_trainer
 from .evaluate import eval_requests, evaluate_samples
+from .rundir import RunAborted
 
 
 class StepResult(NamedTuple):
@@ -98,16 +100,21 @@ class Trainer:
         self.optimizer.step()
         return float(norm)
 
-    def check_invalid(self, metrics: dict):
-        """Stop the run when too many rewards stay invalid (grpo.max_invalid_fraction / invalid_patience)."""
+    def check_invalid(self, metrics: dict, scored: list[ScoredBatch] = ()):
+        """Stop the run (RunAborted, the step's metrics attached so the loop logs them first) when too many
+        rewards stay invalid (grpo.max_invalid_fraction / invalid_patience), naming the rewards at fault
+        and their most common causes."""
         g = self.opt
         if metrics.get("reward/invalid_fraction", 0.0) > g.max_invalid_fraction:
             self.invalid_streak += 1
             if self.invalid_streak >= g.invalid_patience:
-                raise RuntimeError(
+                causes = "; ".join(f"{name}: {n} invalid ({', '.join(f'{c} x{k}' for c, k in top)})"
+                                   for name, (n, top) in invalid_causes(scored).items())
+                raise RunAborted(
                     f"step {self.step}: {metrics['reward/invalid_fraction']:.0%} of samples had an invalid reward "
                     f"for {self.invalid_streak} consecutive steps (limit grpo.max_invalid_fraction="
-                    f"{g.max_invalid_fraction}); see reward/<name>/invalid in {self.run_dir / 'metrics.jsonl'}")
+                    f"{g.max_invalid_fraction}). {causes or 'see reward/<name>/invalid'} "
+                    f"(metrics: {self.run_dir / 'metrics.jsonl'})", metrics)
         else:
             self.invalid_streak = 0
 
@@ -243,6 +250,19 @@ def reward_metrics(scored: list[ScoredBatch], mixture: RewardMixture) -> dict:
             m[f"{k}/{kind}"] = v
     m.update(mixture.metrics())
     return m
+
+
+def invalid_causes(scored: list[ScoredBatch], top: int = 3) -> dict[str, tuple[int, list[tuple[str, int]]]]:
+    """Per reward with invalid samples: how many, and its most common causes (the reward's own per-sample
+    error strings, e.g. a judge's "HTTP 500" or "no 'Final Score'", else a non-finite score)."""
+    counts: dict[str, Counter] = {}
+    for sb in scored:
+        for name, out in sb.components.items():
+            errors = next((v for k, v in out.details.items() if "error" in k and isinstance(v, list)), None)
+            for i in (~out.valid).nonzero().flatten().tolist():
+                why = (errors[i] if errors is not None and i < len(errors) and errors[i] else "non-finite score")
+                counts.setdefault(name, Counter())[str(why)[:80]] += 1
+    return {name: (sum(c.values()), c.most_common(top)) for name, c in counts.items()}
 
 
 def health_metrics(scored: list[ScoredBatch]) -> dict:

@@ -1,18 +1,26 @@
-"""Checks of a loaded config against the registries, before any model loads: one clear line per error.
+"""One validation pass over a loaded config, before any model loads: every error is one line naming
+the file:line (or --set key) and what to do; `uniloop train` exits 2 on it.
 
-`rl/config.py` checks values, types and ranges while loading; what needs to know which algorithms,
-rewards and policy families exist (a user may have registered their own) is checked here, with the
-same file:line / --set locations.
+`rl/config.py` checks values, types and ranges while loading; this pass checks what needs the
+registries (algorithms, rewards, policy families: a user may have registered their own) or the
+machine (checkpoint paths, the hub cache when offline, devices, environment variables, data files,
+prompt lengths against the model's context).
 """
 from __future__ import annotations
 
 import inspect
+import os
+from pathlib import Path
 
-from ..policies.registry import policy_families
+import torch
+
+from ..policies.registry import is_tiny, policy_families, resolve_checkpoint
 from ..rewards.base import reward_types
 from .algorithms import algorithms
 from .config import Config, ConfigError, load_config
 from .config_loader import source_of
+from .tasks import build_tasks
+from .trainer import policy_spec
 
 
 def load_run_config(path, overrides: list[str] | None = None) -> Config:
@@ -23,16 +31,33 @@ def load_run_config(path, overrides: list[str] | None = None) -> Config:
 
 
 def validate(cfg: Config):
-    """Raise ConfigError naming the file:line (or --set) of the first key that no registry accepts."""
+    """Raise ConfigError naming the file:line (or --set) of the first key that cannot work."""
     src = source_of(cfg)
     algos = algorithms()
     if cfg.algorithm not in algos:
         raise ConfigError(f"{src.where('algorithm')}: key 'algorithm' must be a registered algorithm "
                           f"{sorted(algos)}, got {cfg.algorithm!r}")
+    trainer = algos[cfg.algorithm]
+    need = getattr(trainer, "min_generations", 1)
+    if cfg.rollout.num_generations < need:
+        raise ConfigError(f"{src.where('rollout.num_generations')}: key 'rollout.num_generations' must be >= {need} "
+                          f"for {cfg.algorithm} (it compares the samples of one prompt: with 1 every advantage is 0 "
+                          f"and nothing trains), got {cfg.rollout.num_generations}")
     families = policy_families()
     if cfg.model.family != "auto" and cfg.model.family not in families:
         raise ConfigError(f"{src.where('model.family')}: key 'model.family' must be `auto` or a registered policy "
                           f"family {sorted(families)}, got {cfg.model.family!r}")
+    check_rewards(cfg, src)
+    section = getattr(trainer, "policy_section", "model")
+    model = cfg.flow if section == "flow" and cfg.flow is not None else cfg.model
+    check_checkpoint(model.name_or_path, f"{section}.name_or_path", src)
+    check_device(model.device, f"{section}.device", src)
+    check_preference_files(cfg, src)
+    if section == "model":
+        check_prompt_lengths(cfg, src)
+
+
+def check_rewards(cfg, src):
     types = reward_types()
     for i, rc in enumerate(cfg.rewards):
         tname = rc.type or rc.name
@@ -45,3 +70,81 @@ def validate(cfg: Config):
         except TypeError as e:
             raise ConfigError(f"{src.where(f'rewards[{i}].args')}: key 'rewards[{i}].args' does not fit reward type "
                               f"{tname!r}: {e}") from None
+        env = rc.args.get("api_key_env")
+        if env and os.environ.get(env) is None:
+            raise ConfigError(f"{src.where(f'rewards[{i}].args')}: rewards[{i}] ({rc.name!r}) reads its API key from "
+                              f"${env}, which is not set in this environment: export {env}=... first")
+
+
+def _offline() -> bool:
+    return any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def check_checkpoint(name: str, key: str, src):
+    """A local directory that exists, or a hub id (`org/name`): when offline, one in the local cache."""
+    if is_tiny(name):
+        return
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ConfigError(f"{src.where(key)}: key '{key}': {name} is a file; give a checkpoint directory "
+                              f"(written by save_pretrained) or a hub id")
+        return
+    if name.startswith(("/", ".", "~")) or name.count("/") != 1:
+        raise ConfigError(f"{src.where(key)}: key '{key}': no such checkpoint directory: {name} (nor a hub id of "
+                          f"the form org/name)")
+    if _offline():
+        from huggingface_hub import try_to_load_from_cache
+        if not any(isinstance(try_to_load_from_cache(name, f), str) for f in ("config.json", "model_index.json")):
+            raise ConfigError(f"{src.where(key)}: key '{key}': {name} is a hub id, but this machine is offline "
+                              f"(HF_HUB_OFFLINE=1) and it is not in the local cache: download it where there is "
+                              f"internet (hf download {name}) or point {key} at a local directory")
+
+
+def check_device(device: str, key: str, src):
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"{src.where(key)}: key '{key}' is {device!r}, but no CUDA device is visible here "
+                          f"(torch.cuda.is_available() is False): use cpu, or run on a GPU machine")
+    if device.startswith("cuda:") and device[5:].isdigit() and int(device[5:]) >= torch.cuda.device_count():
+        raise ConfigError(f"{src.where(key)}: key '{key}' is {device!r}, but only {torch.cuda.device_count()} "
+                          f"CUDA device(s) are visible")
+
+
+def check_preference_files(cfg, src):
+    """Local preference files are read and checked (records, fields, types) before any model loads."""
+    pd = cfg.preference_data
+    if pd is None or cfg.algorithm not in ("dpo", "diffusion_dpo"):
+        return
+    from .preference_data import PreferenceDataError, read_preference_records
+    for name in ("train", "eval"):
+        for i, source in enumerate(getattr(pd, name)):
+            if not Path(source).expanduser().exists() and source.count("/") == 1 and not source.startswith((".", "/")):
+                continue  # a hub dataset id: read when the run starts
+            try:
+                read_preference_records(source, split=pd.split if name == "train" else pd.eval_split,
+                                        skip_invalid=pd.skip_invalid, check_images=False)
+            except PreferenceDataError as e:
+                raise ConfigError(f"{src.where(f'preference_data.{name}[{i}]')}: {e}") from None
+
+
+def check_prompt_lengths(cfg, src):
+    """Every task prompt fits the model's context with its image tokens (a 20k-word prompt would
+    otherwise pass and fail in the first step allocating tens of GB)."""
+    if cfg.image_task is None and cfg.text_task is None:
+        return
+    spec = policy_spec(cfg)
+    budget = getattr(policy_families()[spec.family].cls, "prompt_budget", None)
+    if budget is None:
+        return
+    spec = resolve_checkpoint(spec)  # a tiny model is built here (cheap); nothing is loaded
+    tokenizer, room = budget(spec.name_or_path)
+    margin = 32  # the chat template around the prompt
+    for task in build_tasks(cfg, image_size=8):
+        texts = task.prompts if task.kind == "image" else sorted({q for _, q, _ in task.items})
+        section = "image_task" if task.kind == "image" else "text_task"
+        for text in texts:
+            n = len(tokenizer(text)["input_ids"])
+            if n + margin > room:
+                raise ConfigError(f"{src.where(section)}: a {section} prompt has {n} tokens ({text[:40]!r}...), but "
+                                  f"{spec.family} {cfg.model.name_or_path} has room for {room - margin} prompt tokens "
+                                  f"(its context minus the image tokens): shorten it")
