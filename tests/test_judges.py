@@ -286,13 +286,24 @@ def test_recipe_runs_with_local_and_remote_judges(tmp_path, fast_janus_dir, judg
     assert stats(url)["requests"] - n0 == 2 * 4 * 2  # steps x prompts x generations, one request each
 
 
-def test_run_aborts_when_judge_stays_invalid(tmp_path, fast_janus_dir, random_judge_dir):
-    # image task only, judged by the random (garbage-writing) judge: 100% invalid from step 1
-    with pytest.raises(RuntimeError, match=r"100% of samples had an invalid reward for 1 consecutive") as e:
-        train(tmp_path, fast_janus_dir, random_judge_dir, "rewards[2].args.tiny={fit_steps: 0}",
-              "rewards[3].args.tiny={fit_steps: 0}", "text_task=null", "grpo.max_invalid_fraction=0.5",
-              "grpo.invalid_patience=1")
-    assert "reward/<name>/invalid" in str(e.value)
-    metrics = tmp_path / "run" / "metrics.jsonl"
+def test_run_aborts_when_judge_stays_invalid(tmp_path, fast_janus_dir, random_judge_dir, capsys):
+    # image task only, judged by the random (garbage-writing) judge: 100% invalid from step 1.
+    # The CLI stops with exit 1 and one line naming the step, the reward, the cause and the metrics file.
+    from uniloop.rl.cli import main
+
+    out = tmp_path / "run"
+    argv = ["train", str(REPO / "configs" / "reward_mix.yaml"), "--set", f"output_dir={out}",
+            "--set", f"model.tiny_dir={fast_janus_dir}", "--set", "model.tiny={vq_fit_steps: 0}",
+            "--set", "grpo.max_steps=2", "--set", "rollout.num_generations=2",
+            "--set", f"rewards[2].args.cache_dir={random_judge_dir}",
+            "--set", f"rewards[3].args.cache_dir={random_judge_dir}", "--set", "logging.image_grid_every=0"]
+    for kv in ("rewards[2].args.tiny={fit_steps: 0}", "rewards[3].args.tiny={fit_steps: 0}", "text_task=null",
+               "grpo.max_invalid_fraction=0.5", "grpo.invalid_patience=1"):
+        argv += ["--set", kv]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert re.search(r"step 1: 100% of samples had an invalid reward for 1 consecutive", err), err
+    assert "judge: 8 invalid" in err and str(out / "metrics.jsonl") in err
+    metrics = out / "metrics.jsonl"
     rows = [json.loads(x) for x in metrics.read_text().splitlines()] if metrics.exists() else []
     assert all(r["reward/judge/invalid"] == 4 * 2 for r in rows)
