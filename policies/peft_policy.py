@@ -45,6 +45,8 @@ class PeftPolicy:
         model = model_cls.from_pretrained(str(name_or_path), **kwargs)
         if not quantization:
             model.to(device)
+        else:
+            same_4bit_kernel_everywhere(model)
         model.eval()
         model.requires_grad_(False)
         return processor, model
@@ -149,6 +151,21 @@ class PeftPolicy:
         if not yes or not no:
             raise ValueError("the tokenizer has no single token for 'yes' / 'no'")
         return yes, no
+
+
+def same_4bit_kernel_everywhere(model):
+    """Keep bitsandbytes on one 4-bit kernel for sampling and for teacher forcing.
+
+    On CPUs with AVX512-BF16 (recent Intel Xeons, AMD Zen 4) bitsandbytes repacks a Linear4bit's
+    weight the first time it runs in eval mode without grad, with its absmax in bfloat16, and from
+    then on computes every product, the training ones included, with that kernel, which has no
+    autograd formula (gradients to earlier layers are dropped). Sampling (eval, no grad) and the
+    learner (train, grad) would then see different weights, 5e-3 nats apart on the tiny model,
+    on some CPUs only. Turning the repacking off keeps the dequantize + matmul path on every CPU;
+    CUDA never takes this path."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def fingerprint(*parts) -> str:

@@ -107,7 +107,15 @@ def print_prompt_table(table: dict | None, max_rows: int = 24):
     for k in keys:
         cells = "".join(f"{fmt(rows[k].get(m, {}).get('initial')) + ' -> ' + fmt(rows[k].get(m, {}).get('final')):>18s}"
                         for m in metrics)
-        print(f"  {k[:34]:34s}{cells}")
+        print(f"  {short_key(k, 34):34s}{cells}")
+
+
+def short_key(key: str, width: int) -> str:
+    """`key` cut to `width`, keeping a trailing "[target]" (text prompts share one question)."""
+    if len(key) <= width:
+        return key
+    tail = key[key.rindex(" ["):] if key.endswith("]") and " [" in key else ""
+    return key[:width - len(tail) - 1] + "~" + tail
 
 
 def config_help_main(argv=None) -> int:

@@ -43,8 +43,17 @@ def test_4bit_base_lora_trains_adapter_only(tiny_dir):
     assert lora_before and all(p.requires_grad for n, p in policy.model.named_parameters() if "lora_" in n)
     assert not any(p.requires_grad for n, p in policy.model.named_parameters() if "lora_" not in n)
 
+    # like with like: sampling (eval, no grad) did not switch the layers to bitsandbytes' bf16-absmax
+    # repacked CPU kernel (taken on AVX512-BF16 CPUs only, and without a backward), so the sampler and
+    # the learner below run the same fp32 dequantize + matmul on every CPU
+    assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False)
+                   for m in policy.model.modules() if isinstance(m, bnb.nn.Linear4bit))
     lp = policy.rollout_logprobs(batch, mode="cfg")
-    # the sampler's recorded log-probs agree with teacher forcing on the 4-bit model too
+    # the sampler's recorded log-probs agree with teacher forcing on the 4-bit model too. Both sides use
+    # the same dequantized fp32 weights; only the summation order differs (fused gemm_4bit vs linear).
+    # Bound: relative error of an fp32 dot product <= K * 2**-24 ~ 7.6e-6 (K = 128, the widest layer),
+    # on logits of magnitude <= ~10, amplified (2s - 1) = 5 times by CFG at s = 3 and twice by
+    # log-softmax: 2 * 5 * 10 * 7.6e-6 ~ 7.6e-4 < 1e-3 (measured: ~1e-5).
     assert (lp.detach() - batch.logprobs_cfg).abs().max().item() < 1e-3
     advantages = torch.tensor([1.0, -1.0, 0.5, -0.5])
     loss = -(torch.exp(lp - lp.detach()) * advantages[:, None]).mean()

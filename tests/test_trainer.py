@@ -192,27 +192,41 @@ def test_a_save_interrupted_midway_leaves_the_previous_checkpoint_in_charge(tmp_
     assert not [p for p in root.iterdir() if p.name.startswith(".")]  # the remains are gone
 
 
-def test_grpo_learns_the_color_task(tmp_path, tiny_janus_dir):
-    """The quickstart's generation side, 60 steps: the color reward rises clearly, both in the noisy
-    training samples (measured: 0.45 -> 0.60, mean of the first vs the last 15 steps; seeds 1 and 2:
-    +0.07, +0.18) and in the fixed-seed evaluations (grpo.eval_steps; measured 0.457 -> 0.607)."""
-    def run(name, steps, *extra):
+@pytest.fixture(scope="module")
+def tiny_janus_seeds(tmp_path_factory, tiny_janus_dir):
+    """Tiny Janus checkpoints built with seeds 0, 1, 2 (the quickstart builds its model with the run's seed)."""
+    from uniloop.policies.tiny import build_tiny_janus
+    root = tmp_path_factory.mktemp("seeds")
+    return {0: tiny_janus_dir, **{s: build_tiny_janus(root / f"janus_seed{s}", seed=s) for s in (1, 2)}}
+
+
+def test_grpo_learns_the_color_task_on_three_seeds(tmp_path, tiny_janus_seeds):
+    """The quickstart's generation side, 60 steps, on three seeds (each with its own tiny model): the
+    fixed-seed evaluation's color reward rises on every seed and for most prompts (measured, seeds 0/1/2:
+    0.43 -> 0.62,
+    0.43 -> 0.57, 0.43 -> 0.61; the margins below are a third of the smallest gain).."""
+    def run(name, seed, steps, *extra):
         cfg = load_config(REPO / "configs" / "quickstart.yaml", [
-            f"output_dir={tmp_path / name}", f"model.name_or_path={tiny_janus_dir}", "seed=0", "text_task=null",
-            f"grpo.max_steps={steps}", "logging.progress_bar=false", "logging.tensorboard=false",
-            "logging.image_grid_every=0", "logging.save_every=0", *extra])
+            f"output_dir={tmp_path / name}", f"model.name_or_path={tiny_janus_seeds[seed]}", f"seed={seed}",
+            "text_task=null", f"grpo.max_steps={steps}", "logging.progress_bar=false", "logging.tensorboard=false",
+            "logging.image_grid_every=0", "logging.save_every=0",
+            # 4x the quickstart's rate: the rise shows within 60 steps (the quickstart's rate trades speed for
+            # not collapsing before the prompts separate, which takes its 300 steps to pay off)
+            "grpo.learning_rate=2e-3", *extra])
         return train_grpo(cfg), _metrics(tmp_path / name)
 
-    summary, rows = run("run", 60, "grpo.eval_steps=20")
-    color = [r["reward/color/mean"] for s, r in sorted(rows.items()) if s > 0]
-    first, last = sum(color[:15]) / 15, sum(color[-15:]) / 15
-    assert last > first + 0.06, (first, last)
-    ev = summary["eval/reward/color/mean"]
-    assert (ev["initial_step"], ev["final_step"]) == (0, 60) and ev["final"] > ev["initial"] + 0.08, ev
-    assert sorted(s for s, r in rows.items() if "eval/reward/color/mean" in r) == [0, 20, 40, 60]
-    # evaluating draws nothing from the training randomness: without it the first steps sample the same
-    # images (drawing other random numbers would change step 1's rewards by ~1e-2; the tolerance only
-    # admits float rounding, which extra work on the CPU may change and later steps amplify)
-    _, plain = run("plain", 3)
-    for s in (1, 2, 3):
-        assert plain[s]["reward/color/mean"] == pytest.approx(rows[s]["reward/color/mean"], abs=1e-4), s
+    for seed in (0, 1, 2):
+        summary, rows = run(f"run{seed}", seed, 60, "grpo.eval_steps=30", "grpo.eval_samples_per_prompt=8")
+        ev = summary["eval/reward/color/mean"]
+        assert (ev["initial_step"], ev["final_step"]) == (0, 60) and ev["final"] > ev["initial"] + 0.05, (seed, ev)
+        per_prompt = summary["per_prompt"]["prompts"]
+        gains = [v["color"]["final"] - v["color"]["initial"] for v in per_prompt.values()]
+        assert len(gains) == 4 and sum(g > 0 for g in gains) >= 3, (seed, gains)
+        assert sorted(s for s, r in rows.items() if "eval/reward/color/mean" in r) == [0, 30, 60]
+        if seed == 0:
+            # evaluating draws nothing from the training randomness: without it the first steps sample the
+            # same images (drawing other random numbers would change step 1's rewards by ~1e-2; the
+            # tolerance only admits float rounding, which extra work on the CPU may change)
+            _, plain = run("plain", 0, 3, "grpo.eval_steps=0")
+            for s in (1, 2, 3):
+                assert plain[s]["reward/color/mean"] == pytest.approx(rows[s]["reward/color/mean"], abs=1e-4), s
