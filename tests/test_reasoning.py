@@ -32,13 +32,16 @@ def test_plan_and_image_logprobs_equal_teacher_forced(tiny_policy, cfg_scale):
     stop = tiny_policy.tokenizer.convert_tokens_to_ids(".")
     for i in range(6):
         n = int(b.plan_mask[i].sum())
-        ends = (b.plan_ids[i, :n] == stop).nonzero().flatten().tolist()
+        ends = torch.isin(b.plan_ids[i, :n], torch.tensor([stop, tiny_policy.tokenizer.eos_token_id]))
+        ends = ends.nonzero().flatten().tolist()
         assert ends in ([], [n - 1]) and (ends or n == 4), (b.plan_ids[i], n)
         assert (b.plan_logprobs[i, n:] == 0).all()
         # the image was conditioned on prompt + plan (T2I-R1's "{prompt}. {plan}")
         want = tiny_policy.encode_generation_prompts([f"{b.prompts[i]}. {b.plans[i]}"])[0][0].cpu()
         assert torch.equal(b.prompt_ids[i][b.prompt_mask[i].bool()], want), (b.prompts[i], b.plans[i])
-        assert b.plan_ids[i, :n].tolist() == tiny_policy.tokenizer.encode(b.plans[i], add_special_tokens=False)
+        special = set(tiny_policy.tokenizer.added_tokens_decoder)  # dropped by decoding (as in T2I-R1's text)
+        sampled = [t for t in b.plan_ids[i, :n].tolist() if t not in special]
+        assert sampled == tiny_policy.tokenizer.encode(b.plans[i], add_special_tokens=False)
     assert b.plan_logprobs[b.plan_mask.bool()].lt(0).all()
     for mode in ("cfg", "conditional"):
         tf = tiny_policy.rollout_logprobs(b, mode)
@@ -124,7 +127,8 @@ def test_segments_are_aggregated_apart_and_weighted(tmp_path, tiny_janus_dir):
     image = -(A * lp[:, P:]).sum() / m[:, P:].sum()
     for loss, key in ((plan, (1.0, 0.0)), (image, (0.0, 1.0))):
         want = torch.cat([g.flatten() for g in torch.autograd.grad(loss, params, retain_graph=True)])
-        assert torch.allclose(got[key], want, rtol=1e-4, atol=1e-7 * want.abs().max()), key
+        err = ((got[key] - want).abs().max() / want.abs().max()).item()
+        assert err <= 1e-4, (key, err)
     assert torch.allclose(got[2.0, 0.5], 2 * got[1.0, 0.0] + 0.5 * got[0.0, 1.0], rtol=1e-4,
                           atol=1e-6 * got[2.0, 0.5].abs().max())
 
