@@ -1,7 +1,8 @@
 """Every typed batch that flows policies -> rollouts -> rewards -> rl, in one module.
 
-- Rollouts: `ImageRollout` (Janus image tokens), `TextRollout` (answers), `FlowRollout` (a
-  flow-matching trajectory). A rollout carries everything the learner needs to recompute log-probs
+- Rollouts: `ImageRollout` (Janus image tokens), `ReasonedImageRollout` (a text plan, then the image
+  conditioned on prompt + plan: one trajectory, two segments), `TextRollout` (answers), `FlowRollout`
+  (a flow-matching trajectory). A rollout carries everything the learner needs to recompute log-probs
   (token ids, masks, latents), everything rewards need to score it (prompts, pixels, answer text),
   and the bookkeeping that makes distributed sampling checkable (adapter version, group ids).
 - Scores: `RewardOutput` (one reward's per-sample scores and validity) and `ScoredBatch` (a rollout
@@ -103,6 +104,65 @@ class ImageRollout(_Batch):
         # Image sequences have a fixed length: every token counts.
         return torch.ones_like(self.image_tokens, dtype=torch.float32)
 
+    @property
+    def segments(self) -> dict[str, slice]:
+        """Columns of `logprobs(mode)` / `completion_mask` per loss segment (aggregated and weighted apart)."""
+        return {"image": slice(0, self.image_tokens.shape[1])}
+
+    def segment_entropy(self) -> dict[str, tuple]:
+        """segment -> (entropy, mask) of the sampled tokens' distributions (health metrics)."""
+        ones = torch.ones_like(self.image_tokens, dtype=torch.float32)  # not completion_mask: a subclass adds a plan
+        return {"image": (self.entropy, ones)} if self.entropy is not None else {}
+
+
+@dataclass(kw_only=True)
+class ReasonedImageRollout(ImageRollout):
+    """prompt -> plan (text) -> image: T2I-R1's semantic-level chain of thought, one trajectory.
+
+    The plan is sampled first from `plan_prompt_ids` (the instruction template around the prompt);
+    the image is then sampled from `prompt_ids` (the generation prompt built from prompt + plan text,
+    ending in <begin_of_image>), so every inherited image field means what it means on an
+    ImageRollout and every image reward scores it unchanged. `logprobs(mode)` and `completion_mask`
+    are the plan's columns followed by the image's (`segments` says which are which); rewards read
+    `plans` (the decoded plan texts) beside `prompts` and `images`.
+    """
+
+    plan_prompt_ids: torch.Tensor  # (B, Lp) left-padded instruction prompt
+    plan_prompt_mask: torch.Tensor  # (B, Lp)
+    plan_ids: torch.Tensor  # (B, P) right-padded sampled plan tokens
+    plan_mask: torch.Tensor  # (B, P) 1 = real plan token (up to and including the stop token)
+    plan_logprobs: torch.Tensor  # (B, P) log-probs of the sampled plan tokens (0 where masked)
+    plans: list[str]  # decoded plans
+    plan_entropy: torch.Tensor  # (B, P) entropy of each plan token's distribution (0 where masked)
+    plan_temperature: float = 1.0
+
+    @classmethod
+    def _align(cls, batches):
+        batches = _pad_prompts(batches)
+        Lp = max(b.plan_prompt_ids.shape[1] for b in batches)
+        P = max(b.plan_ids.shape[1] for b in batches)
+        out = []
+        for b in batches:
+            b = replace(b, **_left_pad_pair(b.plan_prompt_ids, b.plan_prompt_mask, Lp, "plan_prompt"))
+            out.append(replace(b, **_right_pad_fields(b, P, "plan_mask", {"plan_ids": None, "plan_logprobs": 0.0,
+                                                                         "plan_entropy": 0.0})))
+        return out
+
+    def logprobs(self, mode: str) -> torch.Tensor:
+        return torch.cat([self.plan_logprobs, super().logprobs(mode)], 1)
+
+    @property
+    def completion_mask(self) -> torch.Tensor:
+        return torch.cat([self.plan_mask.float(), torch.ones_like(self.image_tokens, dtype=torch.float32)], 1)
+
+    @property
+    def segments(self) -> dict[str, slice]:
+        P = self.plan_ids.shape[1]
+        return {"plan": slice(0, P), "image": slice(P, P + self.image_tokens.shape[1])}
+
+    def segment_entropy(self) -> dict[str, tuple]:
+        return {"plan": (self.plan_entropy, self.plan_mask.float()), **super().segment_entropy()}
+
 
 @dataclass
 class TextRollout(_Batch):
@@ -137,6 +197,13 @@ class TextRollout(_Batch):
     def completion_mask(self) -> torch.Tensor:
         return self.answer_mask.float()
 
+    @property
+    def segments(self) -> dict[str, slice]:
+        return {"text": slice(0, self.answer_ids.shape[1])}
+
+    def segment_entropy(self) -> dict[str, tuple]:
+        return {"text": (self.entropy, self.completion_mask)} if self.entropy is not None else {}
+
 
 @dataclass
 class FlowRollout(_Batch):
@@ -165,7 +232,7 @@ class FlowRollout(_Batch):
         return self.logprobs.shape[1]
 
 
-Rollout = ImageRollout | TextRollout | FlowRollout
+Rollout = ImageRollout | ReasonedImageRollout | TextRollout | FlowRollout
 
 
 def _pad_prompts(batches: list) -> list:
@@ -177,25 +244,43 @@ def _pad_prompts(batches: list) -> list:
 def _left_pad(b, L: int):
     """Left-pad a batch's prompt ids/mask to length L (prompts are left-padded: they end where the
     sampled part begins)."""
-    extra = L - b.prompt_ids.shape[1]
-    if extra == 0:
+    if L == b.prompt_ids.shape[1]:
         return b
-    ids, mask = b.prompt_ids, b.prompt_mask
-    pad_id = int(ids[mask == 0][0]) if (mask == 0).any() else 0
-    ids = torch.cat([ids.new_full((ids.shape[0], extra), pad_id), ids], 1)
-    mask = torch.cat([mask.new_zeros(mask.shape[0], extra), mask], 1)
-    return replace(b, prompt_ids=ids, prompt_mask=mask)
+    return replace(b, **_left_pad_pair(b.prompt_ids, b.prompt_mask, L, "prompt"))
+
+
+def _left_pad_pair(ids: torch.Tensor, mask: torch.Tensor, L: int, name: str) -> dict:
+    """{name_ids, name_mask} left-padded to length L with the pad id the ids already use."""
+    extra = L - ids.shape[1]
+    if extra > 0:
+        pad_id = int(ids[mask == 0][0]) if (mask == 0).any() else 0
+        ids = torch.cat([ids.new_full((ids.shape[0], extra), pad_id), ids], 1)
+        mask = torch.cat([mask.new_zeros(mask.shape[0], extra), mask], 1)
+    return {f"{name}_ids": ids, f"{name}_mask": mask}
+
+
+def _right_pad_fields(b, A: int, mask_name: str, fills: dict) -> dict:
+    """Right-pad the (B, width) fields `fills` (name -> fill value; None = the pad id the ids use) and
+    the mask `mask_name` of a batch to width A."""
+    mask = getattr(b, mask_name)
+    extra = A - mask.shape[1]
+    if extra <= 0:
+        return {}
+    z = lambda t, v: torch.cat([t, t.new_full((t.shape[0], extra), v)], 1)  # noqa: E731
+    out = {mask_name: z(mask, 0)}
+    for name, fill in fills.items():
+        t = getattr(b, name)
+        if t is None:
+            continue
+        if fill is None:
+            fill = int(t[mask == 0][0]) if (mask == 0).any() else 0
+        out[name] = z(t, fill)
+    return out
 
 
 def _right_pad_answers(b: TextRollout, A: int):
-    extra = A - b.answer_ids.shape[1]
-    if extra == 0:
-        return b
-    pad_id = int(b.answer_ids[b.answer_mask == 0][0]) if (b.answer_mask == 0).any() else 0
-    z = lambda t, v: torch.cat([t, t.new_full((t.shape[0], extra), v)], 1)  # noqa: E731
-    return replace(b, answer_ids=z(b.answer_ids, pad_id), answer_mask=z(b.answer_mask, 0),
-                   logprobs_sampled=z(b.logprobs_sampled, 0.0),
-                   entropy=z(b.entropy, 0.0) if b.entropy is not None else None)
+    return replace(b, **_right_pad_fields(b, A, "answer_mask", {"answer_ids": None, "logprobs_sampled": 0.0,
+                                                                "entropy": 0.0}))
 
 
 def concat_rollouts(parts: list):

@@ -17,15 +17,16 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .batches import ImageRollout, TextRollout
+from .batches import ImageRollout, ReasonedImageRollout, TextRollout
 from .fast_sampler import choose_sampler, fast_sampler_for
 from .peft_policy import PeftPolicy, fingerprint
+from .reasoning import ReasoningSampler, reasoned_logprobs
 from .sampling import (cache_kwargs, entropy_of, filter_top_k, guided_logits, inverse_cdf_sample, positions_from_mask,
                        resolve_dtype, selective_log_softmax, uniforms_for)
 
 LORA_TARGET_REGEX = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)"
 
-class JanusPolicy(PeftPolicy):
+class JanusPolicy(ReasoningSampler, PeftPolicy):
     """A Janus checkpoint (hub id or local directory) wrapped for RL."""
 
     modalities = ("image", "text")  # generates images and answers questions about them
@@ -235,7 +236,10 @@ class JanusPolicy(PeftPolicy):
         return selective_log_softmax(logits, tokens[:B])
 
     def rollout_logprobs(self, batch: ImageRollout | TextRollout, mode: str = "cfg") -> torch.Tensor:
-        """Teacher-forced log-probs for a rollout batch, aligned with `batch.logprobs(mode)`."""
+        """Teacher-forced log-probs for a rollout batch, aligned with `batch.logprobs(mode)` (a reasoned
+        rollout: the plan's columns, then the image's; `batch.segments` / `completion_mask` mask them)."""
+        if isinstance(batch, ReasonedImageRollout):
+            return reasoned_logprobs(self, batch, mode)
         if isinstance(batch, ImageRollout):
             return self.image_logprobs(batch.prompt_ids, batch.prompt_mask, batch.image_tokens, mode=mode,
                                        cfg_scale=batch.cfg_scale, temperature=batch.temperature, top_k=batch.top_k)
@@ -253,16 +257,36 @@ class JanusPolicy(PeftPolicy):
     def answer(self, images: torch.Tensor, questions: list[str], seeds: list[int], max_new_tokens: int = 16,
                temperature: float = 1.0, group_ids=None, targets=None) -> TextRollout:
         """Sample one answer per (image, question) with per-token log-probs. temperature 0 = greedy."""
-        from transformers import DynamicCache
-
         B = len(questions)
         ids, mask, pixel_values = self.encode_questions(images, questions)
+        answer, amask, lps, ent = self._sample_text(ids, mask, pixel_values, seeds, max_new_tokens, temperature)
+        return TextRollout(
+            prompts=list(questions), images=images.cpu().float(), prompt_ids=ids.cpu(), prompt_mask=mask.cpu(),
+            pixel_values=pixel_values.cpu(), answer_ids=answer.cpu(), answer_mask=amask.cpu(),
+            logprobs_sampled=lps.cpu(), entropy=ent.cpu(), answers=self._decode_text(answer, amask),
+            group_ids=torch.as_tensor(group_ids if group_ids is not None else range(B)).long(),
+            targets=list(targets or []), version=self.version, temperature=float(temperature))
+
+    def _decode_text(self, ids: torch.Tensor, mask: torch.Tensor) -> list[str]:
+        texts = self.tokenizer.batch_decode(ids.masked_fill(mask == 0, self.tokenizer.pad_token_id),
+                                            skip_special_tokens=True)
+        return [t.strip() for t in texts]
+
+    def _sample_text(self, ids, mask, pixel_values, seeds, max_new_tokens: int, temperature: float, stop_ids=()):
+        """KV-cached text sampling after a left-padded prompt (with an image when `pixel_values` is given):
+        (tokens, mask, log-probs, entropies), each (B, max_new_tokens), right-padded. A row ends at EOS
+        or at any of `stop_ids` (the stop token is kept: it was sampled and is trained)."""
+        from transformers import DynamicCache
+
+        B = ids.shape[0]
         eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
+        stops = torch.tensor(sorted({eos, *stop_ids}), device=self.device)
         u = uniforms_for(seeds, max_new_tokens, self.device) if temperature > 0 else None
         cache = DynamicCache()
         pos = positions_from_mask(mask)
-        out = self.janus(input_ids=ids, pixel_values=pixel_values, attention_mask=mask, position_ids=pos,
-                         use_cache=True, **cache_kwargs(cache), logits_to_keep=1)
+        image = {"pixel_values": pixel_values} if pixel_values is not None else {}
+        out = self.janus(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **image,
+                         **cache_kwargs(cache), logits_to_keep=1)
         answer = torch.full((B, max_new_tokens), pad, dtype=torch.long, device=self.device)
         amask = torch.zeros(B, max_new_tokens, dtype=torch.long, device=self.device)
         lps = torch.zeros(B, max_new_tokens, dtype=torch.float32, device=self.device)
@@ -278,20 +302,14 @@ class JanusPolicy(PeftPolicy):
             amask[:, t] = (~done).long()
             lps[:, t] = logp.gather(-1, tok[:, None]).squeeze(-1).masked_fill(done, 0.0)
             ent[:, t] = entropy_of(logp).masked_fill(done, 0.0)
-            done = done | (tok == eos)
+            done = done | torch.isin(tok, stops)
             if bool(done.all()) or t == max_new_tokens - 1:
                 break
             cur_mask = torch.cat([cur_mask, cur_mask.new_ones(B, 1)], 1)
             out = self.janus(input_ids=tok[:, None], attention_mask=cur_mask, position_ids=next_pos,
                              use_cache=True, **cache_kwargs(cache))
             next_pos = next_pos + 1
-        texts = self.tokenizer.batch_decode(answer.masked_fill(amask == 0, pad), skip_special_tokens=True)
-        return TextRollout(
-            prompts=list(questions), images=images.cpu().float(), prompt_ids=ids.cpu(), prompt_mask=mask.cpu(),
-            pixel_values=pixel_values.cpu(), answer_ids=answer.cpu(), answer_mask=amask.cpu(),
-            logprobs_sampled=lps.cpu(), entropy=ent.cpu(), answers=[s.strip() for s in texts],
-            group_ids=torch.as_tensor(group_ids if group_ids is not None else range(B)).long(),
-            targets=list(targets or []), version=self.version, temperature=float(temperature))
+        return answer, amask, lps, ent
 
     def _suppress_specials(self, logits: torch.Tensor) -> torch.Tensor:
         """Answers may end with EOS but never contain other special tokens (an image placeholder in
@@ -306,17 +324,23 @@ class JanusPolicy(PeftPolicy):
 
     def text_logprobs(self, batch: TextRollout) -> torch.Tensor:
         """Teacher-forced log-probs (B, A) of the answer tokens, with gradients (0 where masked)."""
-        ids = torch.cat([batch.prompt_ids, batch.answer_ids], 1).to(self.device)
-        mask = torch.cat([batch.prompt_mask, batch.answer_mask], 1).to(self.device)
-        L, A = batch.prompt_ids.shape[1], batch.answer_ids.shape[1]
-        out = self.janus(input_ids=ids, pixel_values=batch.pixel_values.to(self.device, self.dtype),
-                         attention_mask=mask, position_ids=positions_from_mask(mask), use_cache=False)
-        temp = batch.temperature if batch.temperature > 0 else 1.0
+        return self._continuation_logprobs(batch.prompt_ids, batch.prompt_mask, batch.answer_ids, batch.answer_mask,
+                                           batch.pixel_values, batch.temperature)
+
+    def _continuation_logprobs(self, prompt_ids, prompt_mask, ids, amask, pixel_values, temperature: float):
+        """Teacher-forced log-probs (B, A) of the text `ids` after a left-padded prompt (0 where masked)."""
+        full = torch.cat([prompt_ids, ids], 1).to(self.device)
+        mask = torch.cat([prompt_mask, amask], 1).to(self.device)
+        L, A = prompt_ids.shape[1], ids.shape[1]
+        image = {"pixel_values": pixel_values.to(self.device, self.dtype)} if pixel_values is not None else {}
+        out = self.janus(input_ids=full, attention_mask=mask, position_ids=positions_from_mask(mask),
+                         use_cache=False, **image)
+        temp = temperature if temperature > 0 else 1.0
         logits = self._suppress_specials(out.logits[:, L - 1:L - 1 + A].float()) / temp
-        lp = selective_log_softmax(logits, batch.answer_ids.to(self.device))
+        lp = selective_log_softmax(logits, ids.to(self.device))
         # where, not a product: a padding position holds a suppressed token whose log-prob is -inf,
         # and -inf * 0 would be NaN (and a NaN loss)
-        return torch.where(batch.answer_mask.to(self.device).bool(), lp, torch.zeros((), device=lp.device))
+        return torch.where(amask.to(self.device).bool(), lp, torch.zeros((), device=lp.device))
 
     def yes_probability(self, images: torch.Tensor, questions: list[str], grad: bool = False) -> torch.Tensor:
         """P(yes) / (P(yes) + P(no)) from the first answer token, per (image, question)."""

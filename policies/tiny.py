@@ -45,7 +45,17 @@ SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>", "<image_placeholder>", "<begin_o
 PUNCT = ["?", ".", ",", ":", "!"]
 
 TINY_DEFAULTS = dict(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128,
-                     image_size=32, patch_size=8, vision_hidden=32, vq_fit_steps=300, init_scale=1.0)
+                     image_size=32, patch_size=8, vision_hidden=32, vq_fit_steps=300, init_scale=1.0,
+                     extra_words=(), tie_word_embeddings=True)
+
+# Words the reasoning quickstart's indirect prompts need ("an image the color of a ripe banana").
+# They are an option (`model.tiny.extra_words`), not part of WORDS: a bigger vocabulary changes the
+# random init of every tiny model, so the default tiny model (and every figure measured on it) stays.
+# `tie_word_embeddings: false` gives the text head its own unit-std weights: a tied random head mostly
+# repeats the last input token (":" of "<|Assistant|>:", p ~ 0.998), so text sampled with no image
+# (a plan) would never explore; untied, the first plan token starts near uniform over the vocabulary.
+REASONING_WORDS = ("ripe banana clear sky fresh grass tomato snow coal lemon night ocean leaf fire "
+                   "milk ink lime blood sun daytime think plan so").split()
 
 # init_scale: weight std of the language model and the vision tower in units of 1/sqrt(width).
 #   transformers' initializer_range=0.02 is that scale for a real model (width ~2048); at width 64 it
@@ -58,11 +68,13 @@ TINY_DEFAULTS = dict(hidden_size=64, num_layers=2, num_heads=4, intermediate_siz
 PALETTE_LEVELS = (0.0, 1 / 3, 2 / 3, 1.0)
 
 
-def build_tokenizer():
+def build_tokenizer(extra_words=()):
+    """The tiny word-level tokenizer; `extra_words` (not already known) are appended after WORDS."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {t: i for i, t in enumerate(SPECIALS + PUNCT + WORDS)}
+    words = WORDS + [w for w in dict.fromkeys(w.lower() for w in extra_words) if w not in WORDS]
+    vocab = {t: i for i, t in enumerate(SPECIALS + PUNCT + words)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
@@ -116,6 +128,7 @@ def build_tiny_janus(path: str | os.PathLike, seed: int = 0, **overrides) -> Pat
                               JanusProcessor, JanusVisionConfig, JanusVQVAEConfig, LlamaConfig)
 
     spec = {**TINY_DEFAULTS, **overrides, "seed": seed}
+    spec["extra_words"] = list(spec["extra_words"])  # JSON-comparable with the marker file
     unknown = set(overrides) - set(TINY_DEFAULTS)
     if unknown:
         raise ValueError(f"unknown tiny-model option(s) {sorted(unknown)}; known: {sorted(TINY_DEFAULTS)}")
@@ -123,7 +136,7 @@ def build_tiny_janus(path: str | os.PathLike, seed: int = 0, **overrides) -> Pat
     if built_with(path, "uniloop_tiny.json", spec):
         return path
 
-    tokenizer = build_tokenizer()
+    tokenizer = build_tokenizer(spec["extra_words"])
     vocab_size = len(tokenizer)
     h = spec["hidden_size"]
     n_img = (spec["image_size"] // spec["patch_size"]) ** 2
@@ -143,7 +156,8 @@ def build_tiny_janus(path: str | os.PathLike, seed: int = 0, **overrides) -> Pat
                           base_channels=32, channel_multiplier=[1, 1], num_res_blocks=1,
                           projection_dim=h, image_token_embed_dim=h)
     config = JanusConfig(text_config=text, vision_config=vision, vq_config=vq,
-                         image_token_id=tokenizer.convert_tokens_to_ids("<image_placeholder>"))
+                         image_token_id=tokenizer.convert_tokens_to_ids("<image_placeholder>"),
+                         tie_word_embeddings=spec["tie_word_embeddings"])
     # fork_rng: building the model must not move the caller's global RNG (a run that builds the
     # tiny model would otherwise initialise its adapter differently from one that finds it cached)
     with torch.random.fork_rng():
@@ -174,6 +188,8 @@ def _scale_output_heads(model, hidden: int):
         head.vision_head.weight.normal_(0, 2 * head.vision_head.in_features ** -0.5)
         model.model.language_model.embed_tokens.weight.normal_(0, 2 * hidden ** -0.5)
         model.model.generation_embeddings.weight.normal_(0, 1.0)
+        if not model.config.tie_word_embeddings:
+            model.lm_head.weight.normal_(0, hidden ** -0.5)
 
 
 def palette() -> torch.Tensor:

@@ -88,3 +88,30 @@ class ExactMatchReward(Reward):
             raise ValueError("exact_match needs reference answers: give the text task `answers`")
         norm = normalize_answer if self.normalize else (lambda s: s.strip())
         return RewardOutput.from_scores([float(norm(a) == norm(t)) for a, t in zip(batch.answers, batch.targets)])
+
+
+@register_reward("plan_target")
+class PlanTargetReward(Reward):
+    """1 if a reasoned rollout's plan names its target (`targets`, else the prompt's color word), else 0:
+    a format/resolution reward on the plan of `reasoning` rollouts ("an image the color of a ripe banana"
+    -> does the plan say "yellow"?). `exclusive: true` also gives 0 to a plan that names any other
+    of `words` (default: the color names), so listing every color does not pay. Invalid on rollouts
+    without plans or targets."""
+
+    modalities = ("image",)
+
+    def __init__(self, exclusive: bool = True, words: list[str] | None = None):
+        self.exclusive, self.words = exclusive, set(words or COLORS)
+
+    def score(self, batch, context: RewardContext) -> RewardOutput:
+        plans = getattr(batch, "plans", None)
+        scores = torch.full((len(batch),), float("nan"))
+        if plans is None:
+            return RewardOutput.from_scores(scores)
+        for i, (prompt, plan) in enumerate(zip(batch.prompts, plans)):
+            target = batch.targets[i] if batch.targets and batch.targets[i] else named_color(prompt)
+            if not target:
+                continue
+            said = set(re.findall(r"[a-z]+", plan.lower()))
+            scores[i] = float(target in said and not (self.exclusive and (said & self.words) - {target}))
+        return RewardOutput.from_scores(scores, {"plan": list(plans)})

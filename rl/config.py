@@ -13,6 +13,7 @@ from pathlib import Path
 
 from . import config_loader
 from .config_loader import ConfigError, uf
+from .config_recipes import ReasoningConfig
 from ..rewards.base import reward_types
 from .losses import ADVANTAGE_ESTIMATORS, DPO_LOSSES, LOSS_AGGREGATIONS, POLICY_LOSSES
 
@@ -143,12 +144,14 @@ class GRPOConfig(OptimizerConfig):
                                         "(one ratio per token: GRPO/PPO) or `sequence` (one ratio per sequence "
                                         "from its mean token log-ratio: GSPO), as TRL's option of this name.",
                                         choices=lambda: sorted(POLICY_LOSSES))
-    text_loss_weight: float = uf(1.0, "Weight of the text-token loss when a step mixes image and text tasks.", ge=0)
+    text_loss_weight: float = uf(1.0, "Weight of the text-token loss (answers, and the plan segment of `reasoning` "
+                                 "rollouts); each segment is aggregated on its own (loss_type), then weighted.", ge=0)
     loss_type: str = uf("grpo", "Loss aggregation (registry `rl.losses.register_loss_aggregation`): `grpo` (mean per "
                         "sequence, then over sequences), `bnpo` (token mean over the optimizer step), `dr_grpo` "
                         "(sum / constant max_completion_length), `dapo` (TRL's: token sum / the rollout batch's "
                         "tokens per optimizer step).", choices=lambda: sorted(LOSS_AGGREGATIONS))
-    image_loss_weight: float = uf(1.0, "Weight of the image-token loss when a step mixes image and text tasks.", ge=0)
+    image_loss_weight: float = uf(1.0, "Weight of the image-token loss (image rollouts and the image segment of "
+                                  "`reasoning` rollouts).", ge=0)
     num_iterations: int = uf(1, "Inner updates per rollout batch (TRL's num_iterations; mu in the GRPO paper).", ge=1)
     max_steps: int = uf(100, "Training steps (each = one rollout batch).", ge=1)
     per_device_train_batch_size: int = uf(16, "Samples per forward/backward micro-batch (0 = the largest that "
@@ -169,8 +172,16 @@ class ImageTaskConfig:
     """prompt -> image: where the generation prompts come from."""
 
     prompts: list[str] = uf(help="Generation prompts (prompt -> image).", factory=list)
-    prompts_file: str | None = uf(None, "A text file (one prompt per line) or JSONL with a `prompt` field.")
+    prompts_file: str | None = uf(None, "A text file (one prompt per line) or JSONL with a `prompt` field (and an "
+                                  "optional `target`, e.g. the color a prompt names only indirectly).")
+    targets: list[str] = uf(help="Per-prompt ground truth for rewards (a color name), one per entry of `prompts`; "
+                            "empty = the color word of the prompt, if any.", factory=list)
     prompts_per_step: int = uf(4, "Prompts drawn per step; each is sampled num_generations times.", ge=1)
+
+    def _validate(self, prefix, src):
+        if self.targets and len(self.targets) != len(self.prompts):
+            raise ConfigError(f"{src.where(f'{prefix}.targets')}: key '{prefix}.targets' has {len(self.targets)} "
+                              f"entries for {len(self.prompts)} prompts")
 
 
 @dataclass
@@ -423,6 +434,8 @@ class Config:
     grpo: GRPOConfig = uf(help="GRPO optimisation (option names follow TRL's GRPOConfig).", factory=GRPOConfig)
     image_task: ImageTaskConfig | None = uf(None, "prompt -> image task (null = none).")
     text_task: TextTaskConfig | None = uf(None, "(image, question) -> answer task (null = none).")
+    reasoning: ReasoningConfig | None = uf(None, "Plan-then-image rollouts for image_task (T2I-R1; null = plain "
+                                           "image rollouts). Janus family.")
     rewards: list[RewardConfig] = uf(help="The reward mixture.", factory=list)
     reward_combine: str = uf("sum_then_normalize", "`sum_then_normalize`: weighted sum of the components, "
                              "the advantage normalises the total; `normalize_then_sum`: each component is "

@@ -8,6 +8,7 @@ Diffusion-DPO every `dpo.eval_steps`. Metrics: eval/reward/<name>/mean, eval/rew
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -20,9 +21,9 @@ from .runlog import save_image_grid
 EVAL_SEED_STEP = 10 ** 9  # the `step` evaluation samples are seeded with: the same at every evaluation
 
 
-def image_eval_request(prompts: list[str], samples_per_prompt: int) -> RolloutRequest:
+def image_eval_request(prompts: list[str], samples_per_prompt: int, targets: list[str] | None = None) -> RolloutRequest:
     return RolloutRequest("image", list(prompts), samples_per_prompt, EVAL_SEED_STEP,
-                          targets=[named_color(p) or "" for p in prompts])
+                          targets=list(targets) if targets else [named_color(p) or "" for p in prompts])
 
 
 def eval_requests(tasks, samples_per_prompt: int) -> list[RolloutRequest]:
@@ -30,7 +31,7 @@ def eval_requests(tasks, samples_per_prompt: int) -> list[RolloutRequest]:
     reqs = []
     for task in tasks or []:
         if task.kind == "image":
-            reqs.append(image_eval_request(task.prompts, samples_per_prompt))
+            reqs.append(image_eval_request(task.prompts, samples_per_prompt, getattr(task, "targets", None)))
         else:
             reqs.append(RolloutRequest("text", [q for _, q, _ in task.items], samples_per_prompt, EVAL_SEED_STEP,
                                        targets=[a for _, _, a in task.items],
@@ -82,5 +83,8 @@ def prompt_table(batch, mix) -> list[dict]:
                                     *((n, o.scores, o.valid) for n, o in mix.components.items())]:
             ok = valid[idx]
             row[name] = scores[idx][ok].float().mean().item() if ok.any() else None
+        plans = getattr(batch, "plans", None)
+        if plans:  # a reasoned rollout: its most common plan, shown before -> after in the summary
+            row["plan"] = Counter(plans[i] for i in idx.tolist()).most_common(1)[0][0]
         rows.append(row)
     return rows

@@ -5,7 +5,8 @@
     A         = advantage estimator (grpo.advantage_estimator) over each prompt's group
     update    = for each inner iteration, each optimizer step of micro-batches:
                   loss = policy loss (grpo.importance_sampling_level) + beta * KL_k3, per token,
-                  aggregated per modality (grpo.loss_type), weighted (image/text_loss_weight)
+                  aggregated per segment (grpo.loss_type): image tokens, answer tokens, a reasoned
+                  rollout's plan and image apart; weighted (image/text_loss_weight)
 
 The maths are in rl/losses.py; option names follow TRL's GRPOConfig. With one optimizer step per
 rollout batch the learner's own log-probs, detached, are the "old" ones, so the first ratio is
@@ -98,20 +99,25 @@ class GRPOTrainer(Trainer):
         stats = {"loss": [], "kl": [], "clip_fraction": [], "grad_norm": [], "sampler_logprob_diff": []}
         ratio_dev_first = None
         self.prepare_logprobs(scored, mode, several_updates, stats)
-        weights = {"image": g.image_loss_weight, "text": g.text_loss_weight}
+        # Every segment (the image tokens, an answer, a reasoned rollout's plan) is aggregated on its own,
+        # with normalisers over that segment's tokens only, then weighted: 576 image tokens never drown
+        # a 30-token plan in one token mean (REFERENCES: keep per-modality aggregation explicit).
+        weights = {"image": g.image_loss_weight, "text": g.text_loss_weight, "plan": g.text_loss_weight}
         batch_tokens = {}
         for sb, idx in micro:
-            batch_tokens[sb.batch.kind] = batch_tokens.get(sb.batch.kind, 0.0) + _tokens(sb, idx)
+            for seg, n_tok in _segment_tokens(sb, idx).items():
+                batch_tokens[seg] = batch_tokens.get(seg, 0.0) + n_tok
         steps_per_batch = math.ceil(len(micro) / g.gradient_accumulation_steps)
         for it in range(g.num_iterations):
             for start in range(0, len(micro), g.gradient_accumulation_steps):
                 group = micro[start:start + g.gradient_accumulation_steps]
                 self.optimizer.zero_grad(set_to_none=True)
-                counts = {}  # normalisers over the whole accumulation group, per modality
+                counts = {}  # normalisers over the whole accumulation group, per segment
                 for sb, idx in group:
-                    n = counts.setdefault(sb.batch.kind, [0, 0.0])
-                    n[0] += int(sb.valid[idx].sum())
-                    n[1] += _tokens(sb, idx)
+                    for seg, n_tok in _segment_tokens(sb, idx).items():
+                        n = counts.setdefault(seg, [0, 0.0])
+                        n[0] += int(sb.valid[idx].sum())
+                        n[1] += n_tok
                 for sb, idx in group:
                     b = sb.batch.select(idx)
                     logp = policy.rollout_logprobs(b, mode)
@@ -122,20 +128,27 @@ class GRPOTrainer(Trainer):
                             ((logp.detach().cpu() - b.logprobs(mode)) * b.completion_mask).abs().max().item())
                     ref = sb.ref_logprobs[idx].to(logp.device) if sb.ref_logprobs is not None else None
                     mask = b.completion_mask.to(logp.device) * sb.valid[idx].to(logp.device)[:, None]
-                    per_tok, ratio, kl, clipped = grpo_token_loss(
-                        logp, old, sb.advantages[idx].to(logp.device), ref, g.epsilon, g.epsilon_high, g.beta,
-                        level=g.importance_sampling_level, mask=mask)
-                    n_seq, n_tok = counts[b.kind]
-                    norm = LossNorm(n_seq, n_tok, mask.shape[1], batch_tokens[b.kind], steps_per_batch)
-                    loss = weights[b.kind] * aggregate_with(g.loss_type, per_tok, mask, norm)
+                    adv = sb.advantages[idx].to(logp.device)
+                    loss, first_micro = logp.new_zeros(()), it == 0 and not stats["loss"]
+                    for seg, cols in b.segments.items():  # one advantage per trajectory, a loss per segment
+                        if cols.stop == cols.start:
+                            continue
+                        m = mask[:, cols]
+                        per_tok, ratio, kl, clipped = grpo_token_loss(
+                            logp[:, cols], old[:, cols], adv, ref[:, cols] if ref is not None else None, g.epsilon,
+                            g.epsilon_high, g.beta, level=g.importance_sampling_level, mask=m)
+                        n_seq, n_tok = counts[seg]
+                        norm = LossNorm(n_seq, n_tok, m.shape[1], batch_tokens[seg], steps_per_batch)
+                        loss = loss + weights[seg] * aggregate_with(g.loss_type, per_tok, m, norm)
+                        msum = m.sum().clamp(min=1)
+                        if first_micro:  # the first micro-batch's ratio, every segment of it
+                            dev = ((ratio.detach() - 1).abs() * m).max().item()
+                            ratio_dev_first = dev if ratio_dev_first is None else max(ratio_dev_first, dev)
+                        stats["clip_fraction"].append(((clipped * m).sum() / msum).item())
+                        if kl is not None:
+                            stats["kl"].append(((kl.detach() * m).sum() / msum).item())
                     loss.backward()
-                    msum = mask.sum().clamp(min=1)
-                    if it == 0 and ratio_dev_first is None:
-                        ratio_dev_first = ((ratio.detach() - 1).abs() * mask).max().item()
                     stats["loss"].append(loss.item())
-                    stats["clip_fraction"].append(((clipped * mask).sum() / msum).item())
-                    if kl is not None:
-                        stats["kl"].append(((kl.detach() * mask).sum() / msum).item())
                 stats["grad_norm"].append(self.optimizer_step())
         mean = lambda xs: float(np.mean(xs)) if xs else 0.0  # noqa: E731
         # each optimizer step's loss is the sum of its micro-batches' shares
@@ -176,6 +189,7 @@ class GRPOTrainer(Trainer):
         return index_chunks(len(batch), size)
 
 
-def _tokens(sb: ScoredBatch, idx) -> float:
-    """Valid completion tokens of rows `idx` of a scored batch."""
-    return float((sb.batch.completion_mask[idx] * sb.valid[idx, None]).sum())
+def _segment_tokens(sb: ScoredBatch, idx) -> dict[str, float]:
+    """Valid completion tokens of rows `idx` of a scored batch, per loss segment."""
+    mask = sb.batch.completion_mask[idx] * sb.valid[idx, None]
+    return {seg: float(mask[:, cols].sum()) for seg, cols in sb.batch.segments.items()}

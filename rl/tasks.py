@@ -17,6 +17,11 @@ def _step_generator(seed: int, step: int, salt: int) -> torch.Generator:
 
 
 def read_prompts(path: str) -> list[str]:
+    return [p for p, _ in read_prompt_records(path)]
+
+
+def read_prompt_records(path: str) -> list[tuple[str, str]]:
+    """(prompt, target) per line of a text file (no targets) or a JSONL file (`prompt`, optional `target`)."""
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"prompts file not found: {path}")
@@ -32,9 +37,11 @@ def read_prompts(path: str) -> list[str]:
                 raise ValueError(f"{path}:{i}: not valid JSON: {e}") from None
             if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
                 raise ValueError(f"{path}:{i}: field 'prompt' (a string) is missing")
-            out.append(rec["prompt"])
+            if not isinstance(rec.get("target", ""), str):
+                raise ValueError(f"{path}:{i}: field 'target' must be a string")
+            out.append((rec["prompt"], rec.get("target", "")))
         else:
-            out.append(line)
+            out.append((line, ""))
     if not out:
         raise ValueError(f"{path}: no prompts")
     return out
@@ -45,22 +52,25 @@ class ImageTask:
 
     kind = "image"
 
-    def __init__(self, prompts: list[str], prompts_per_step: int, seed: int):
+    def __init__(self, prompts: list[str], prompts_per_step: int, seed: int, targets: list[str] | None = None):
         if not prompts:
             raise ValueError("image_task needs `prompts` or `prompts_file`")
         self.prompts, self.per_step, self.seed = list(prompts), prompts_per_step, seed
+        # a prompt's ground truth: given, else the color it names (the synthetic task), else none
+        given = list(targets or [""] * len(prompts))
+        self.targets = [t or named_color(p) or "" for p, t in zip(self.prompts, given)]
 
     @classmethod
     def from_config(cls, cfg, seed: int) -> "ImageTask":
-        """From an `image_task` section: its prompts, then those of its prompts_file."""
-        prompts = list(cfg.prompts) + (read_prompts(cfg.prompts_file) if cfg.prompts_file else [])
-        return cls(prompts, cfg.prompts_per_step, seed)
+        """From an `image_task` section: its prompts (and targets), then those of its prompts_file."""
+        records = read_prompt_records(cfg.prompts_file) if cfg.prompts_file else []
+        targets = list(cfg.targets or [""] * len(cfg.prompts)) + [t for _, t in records]
+        return cls(list(cfg.prompts) + [p for p, _ in records], cfg.prompts_per_step, seed, targets)
 
     def request(self, step: int, num_generations: int) -> RolloutRequest:
-        idx = torch.randint(len(self.prompts), (self.per_step,), generator=_step_generator(self.seed, step, 1))
-        prompts = [self.prompts[i] for i in idx.tolist()]
-        targets = [named_color(p) or "" for p in prompts]
-        return RolloutRequest("image", prompts, num_generations, step, targets=targets)
+        idx = torch.randint(len(self.prompts), (self.per_step,), generator=_step_generator(self.seed, step, 1)).tolist()
+        return RolloutRequest("image", [self.prompts[i] for i in idx], num_generations, step,
+                              targets=[self.targets[i] for i in idx])
 
 
 class TextTask:

@@ -228,7 +228,8 @@ def sampling_settings(cfg, section: str = "model") -> Sampling:
     return Sampling(image={"cfg_scale": r.cfg_scale, "temperature": r.temperature, "top_k": r.top_k,
                            "sampler": r.sampler},
                     text={"max_new_tokens": r.max_new_tokens, "temperature": r.temperature},
-                    batch_size=r.batch_size)
+                    batch_size=r.batch_size,
+                    reasoning=cfg.reasoning.sampling() if getattr(cfg, "reasoning", None) is not None else None)
 
 
 def reward_metrics(scored: list[ScoredBatch], mixture: RewardMixture) -> dict:
@@ -274,10 +275,9 @@ def health_metrics(scored: list[ScoredBatch]) -> dict:
         g = len(sb.batch.group_ids.unique())
         groups += g
         flat += sb.metrics.get("advantage/flat_group_fraction", 0.0) * g
-        ent = getattr(sb.batch, "entropy", None)
-        if ent is not None:
-            mask = sb.batch.completion_mask
-            m[f"entropy/{sb.batch.kind}"] = float((ent * mask).sum() / mask.sum().clamp(min=1))
+        segments = sb.batch.segment_entropy() if hasattr(sb.batch, "segment_entropy") else {}
+        for name, (ent, mask) in segments.items():
+            m[f"entropy/{name}"] = float((ent * mask).sum() / mask.sum().clamp(min=1))
     m["health/flat_group_fraction"] = flat / max(groups, 1)
     return m
 

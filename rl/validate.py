@@ -133,11 +133,21 @@ def check_prompt_lengths(cfg, src):
     if cfg.image_task is None and cfg.text_task is None:
         return
     spec = policy_spec(cfg)
-    budget = getattr(policy_families()[spec.family].cls, "prompt_budget", None)
+    cls = policy_families()[spec.family].cls
+    if cfg.reasoning is not None and not hasattr(cls, "sample_reasoned_images"):
+        raise ConfigError(f"{src.where('reasoning')}: key 'reasoning' needs a policy family that writes text before "
+                          f"its image (janus); {spec.family} has no sample_reasoned_images")
+    budget = getattr(cls, "prompt_budget", None)
     if budget is None:
         return
     spec = resolve_checkpoint(spec)  # a tiny model is built here (cheap); nothing is loaded
     tokenizer, room = budget(spec.name_or_path)
+    if cfg.reasoning is not None:
+        for i, stop in enumerate(cfg.reasoning.stop):
+            ids = tokenizer.encode(stop, add_special_tokens=False)
+            if len(ids) != 1 or ids[0] == tokenizer.unk_token_id:
+                raise ConfigError(f"{src.where('reasoning.stop')}: key 'reasoning.stop[{i}]' ({stop!r}) must be one "
+                                  f"token of the model's tokenizer (it is {ids})")
     margin = 32  # the chat template around the prompt
     for task in build_tasks(cfg, image_size=8):
         texts = task.prompts if task.kind == "image" else sorted({q for _, q, _ in task.items})

@@ -70,6 +70,7 @@ class Sampling:
     image: dict = field(default_factory=dict)
     text: dict = field(default_factory=dict)
     batch_size: int = 0
+    reasoning: dict | None = None  # plan-then-image: `sample_reasoned_images` keywords (the `reasoning` section)
 
 
 def expand_request(request: RolloutRequest, seed: int):
@@ -126,11 +127,22 @@ class RolloutWorker:
             for i in range(0, len(prompts), bs):
                 sl = slice(i, i + bs)
                 if request.kind == "image":
-                    parts.append(self.policy.sample_images(prompts[sl], seeds[sl], group_ids=groups[sl],
-                                                           targets=targets[sl], **self.sampling.image))
+                    sample = self.policy.sample_images
+                    extra = {}
+                    if self.sampling.reasoning is not None:
+                        sample, extra = self.reasoned_sampler(), self.sampling.reasoning
+                    parts.append(sample(prompts[sl], seeds[sl], group_ids=groups[sl], targets=targets[sl],
+                                        **self.sampling.image, **extra))
                 else:
                     parts.append(self.policy.answer(request.images[image_rows[sl]], prompts[sl], seeds[sl],
                                                     group_ids=groups[sl], targets=targets[sl], **self.sampling.text))
         finally:
             model.train(was_training)
         return concat_rollouts(parts)
+
+    def reasoned_sampler(self):
+        sample = getattr(self.policy, "sample_reasoned_images", None)
+        if sample is None:
+            raise ValueError(f"`reasoning` rollouts need a policy that writes text before its image (Janus); "
+                             f"{type(self.policy).__name__} has no sample_reasoned_images")
+        return sample
