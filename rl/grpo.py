@@ -128,16 +128,16 @@ class GRPOTrainer(Trainer):
                             ((logp.detach().cpu() - b.logprobs(mode)) * b.completion_mask).abs().max().item())
                     ref = sb.ref_logprobs[idx].to(logp.device) if sb.ref_logprobs is not None else None
                     mask = b.completion_mask.to(logp.device) * sb.valid[idx].to(logp.device)[:, None]
-                    weights = None
+                    is_w = None
                     if g.vllm_importance_sampling_correction:
-                        weights = sampler_is_weights(g.vllm_importance_sampling_mode, learner_old, b.logprobs(mode),
+                        is_w = sampler_is_weights(g.vllm_importance_sampling_mode, learner_old, b.logprobs(mode),
                                                      mask, g.vllm_importance_sampling_clip_min,
                                                      g.vllm_importance_sampling_clip_max)
                     if it == 0:
-                        gap.add(learner_old, b.logprobs(mode), mask, weights)
+                        gap.add(learner_old, b.logprobs(mode), mask, is_w)
                     per_tok, ratio, kl, clipped = grpo_token_loss(
                         logp, old, sb.advantages[idx].to(logp.device), ref, g.epsilon, g.epsilon_high, g.beta,
-                        level=g.importance_sampling_level, mask=mask, is_weights=weights)
+                        level=g.importance_sampling_level, mask=mask, is_weights=is_w)
                     n_seq, n_tok = counts[b.kind]
                     norm = LossNorm(n_seq, n_tok, mask.shape[1], batch_tokens[b.kind], steps_per_batch)
                     loss = weights[b.kind] * aggregate_with(g.loss_type, per_tok, mask, norm)

@@ -135,7 +135,8 @@ def _log_is_ratio(old_logp, sampler_logp, mask, sequence: bool) -> torch.Tensor:
 
 
 def _truncate(log_ratio, clip_min, clip_max):
-    return torch.exp(log_ratio).clamp(min=clip_min, max=clip_max)
+    ratio = torch.exp(log_ratio)
+    return ratio if clip_min is None and clip_max is None else ratio.clamp(min=clip_min, max=clip_max)
 
 
 def _mask_outside(log_ratio, clip_min, clip_max):
