@@ -121,7 +121,8 @@ class GRPOTrainer(Trainer):
                     logp = policy.rollout_logprobs(b, mode)
                     # the learner's log-probs before this update: a frozen pass when there are several
                     # updates, else the detached current ones (then rho is exactly 1)
-                    learner_old = logp.detach() if sb.learner_logprobs is None else sb.learner_logprobs[idx].to(logp.device)
+                    learner_old = (logp.detach() if sb.learner_logprobs is None
+                                   else sb.learner_logprobs[idx].to(logp.device))
                     old = learner_old if sb.old_logprobs is None else sb.old_logprobs[idx].to(logp.device)
                     if not several_updates and b.version == policy.version:  # same weights: must agree
                         stats["sampler_logprob_diff"].append(
@@ -226,7 +227,8 @@ class SamplerGap:
             return {}
         out = {"sampling/sampling_logp_difference/mean": self.abs_sum / self.count,
                "sampling/sampling_logp_difference/max": self.abs_max,
-               "sampling/sampler_ratio/min": math.exp(self.log_min), "sampling/sampler_ratio/max": math.exp(self.log_max)}
+               "sampling/sampler_ratio/min": math.exp(self.log_min),
+               "sampling/sampler_ratio/max": math.exp(self.log_max)}
         w = torch.cat(self.weights) if self.weights else torch.zeros(0)
         if w.numel():
             out.update({"sampling/importance_sampling_ratio/min": float(w.min()),

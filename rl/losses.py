@@ -6,7 +6,7 @@
 | policy losses              | `grpo.importance_sampling_level` | token (GRPO/PPO clip), sequence (GSPO) |
 | loss aggregations          | `grpo.loss_type`                 | grpo, bnpo, dr_grpo, dapo           |
 | DPO losses                 | `dpo.loss_type`                  | sigmoid, robust, hinge, ipo, sft    |
-| sampler IS corrections     | `grpo.vllm_importance_sampling_mode` | token_truncate, token_mask, sequence_truncate, sequence_mask |
+| sampler IS corrections     | `grpo.vllm_importance_sampling_mode` | token_/sequence_ truncate, mask |
 
 A new entry is a decorated function (`@register_policy_loss("mine")`); configs can name it at once.
 Option names and definitions follow TRL's GRPOConfig / DPOConfig; where ours differ the docstring
@@ -146,28 +146,21 @@ def _mask_outside(log_ratio, clip_min, clip_max):
     return ratio.masked_fill((ratio < lo) | (ratio > hi), 0.0)
 
 
-@register_is_correction("token_truncate")
-def token_truncate(old_logp, sampler_logp, mask, clip_min=None, clip_max=3.0):
-    """w_t = clamp(exp(old_t - sampler_t), clip_min, clip_max), one weight per token (B, T)."""
-    return _truncate(_log_is_ratio(old_logp, sampler_logp, mask, False), clip_min, clip_max)
+def _is_correction(sequence: bool, bound, doc: str):
+    def correction(old_logp, sampler_logp, mask, clip_min=None, clip_max=3.0):
+        return bound(_log_is_ratio(old_logp, sampler_logp, mask, sequence), clip_min, clip_max)
+    correction.__doc__ = doc
+    return correction
 
 
-@register_is_correction("token_mask")
-def token_mask(old_logp, sampler_logp, mask, clip_min=None, clip_max=3.0):
-    """w_t = exp(old_t - sampler_t), set to 0 outside [clip_min, clip_max] (B, T)."""
-    return _mask_outside(_log_is_ratio(old_logp, sampler_logp, mask, False), clip_min, clip_max)
-
-
-@register_is_correction("sequence_truncate")
-def sequence_truncate(old_logp, sampler_logp, mask, clip_min=None, clip_max=3.0):
-    """One weight per sequence, exp(sum_t old_t - sampler_t) clamped to [clip_min, clip_max] (B, 1)."""
-    return _truncate(_log_is_ratio(old_logp, sampler_logp, mask, True), clip_min, clip_max)
-
-
-@register_is_correction("sequence_mask")
-def sequence_mask(old_logp, sampler_logp, mask, clip_min=None, clip_max=3.0):
-    """One weight per sequence, exp(sum_t old_t - sampler_t), 0 outside [clip_min, clip_max] (B, 1)."""
-    return _mask_outside(_log_is_ratio(old_logp, sampler_logp, mask, True), clip_min, clip_max)
+for _name, _sequence, _bound, _doc in (
+        ("token_truncate", False, _truncate, "w_t = clamp(exp(old_t - sampler_t), clip_min, clip_max) (B, T)."),
+        ("token_mask", False, _mask_outside, "w_t = exp(old_t - sampler_t), 0 outside [clip_min, clip_max] (B, T)."),
+        ("sequence_truncate", True, _truncate, "One weight per sequence, exp(sum_t old_t - sampler_t) clamped to "
+                                               "[clip_min, clip_max] (B, 1)."),
+        ("sequence_mask", True, _mask_outside, "One weight per sequence, exp(sum_t old_t - sampler_t), 0 outside "
+                                               "[clip_min, clip_max] (B, 1).")):
+    register_is_correction(_name)(_is_correction(_sequence, _bound, _doc))
 
 
 def sampler_is_weights(mode: str, old_logp, sampler_logp, mask, clip_min=None, clip_max=3.0) -> torch.Tensor:
