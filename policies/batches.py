@@ -314,6 +314,7 @@ class ScoredBatch:
     components: dict[str, RewardOutput] = field(default_factory=dict)  # reward name -> its raw output
     advantages: torch.Tensor | None = None  # (B,)
     old_logprobs: torch.Tensor | None = None  # (B, T) the ratio's denominator when not the current policy
+    learner_logprobs: torch.Tensor | None = None  # (B, T) the learner's before the update (a no-grad pass)
     ref_logprobs: torch.Tensor | None = None  # (B, T) under the reference model (KL)
     metrics: dict[str, float] = field(default_factory=dict)  # per-batch statistics (advantage/...)
 

@@ -45,7 +45,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .sampling import cache_kwargs, entropy_of, filter_top_k, guided_logits, inverse_cdf_sample, positions_from_mask, uniforms_for
+from .sampling import (cache_kwargs, entropy_of, filter_top_k, generation_logits, guided_logits, inverse_cdf_sample,
+                       positions_from_mask, uniforms_for)
 
 SAMPLERS = ("auto", "plain", "fast")
 
@@ -201,7 +202,7 @@ class FastImageSampler:
         cfg_scale, temperature, top_k, use_cfg = self._settings
         B = ws.batch
         # Same expressions, in the same order, as the plain sampler (bit-identical results).
-        logits = self.policy.janus.model.generation_head(h_last).float()
+        logits = generation_logits(self.policy.janus.model.generation_head, h_last)
         cond, uncond = (logits[:B], logits[B:]) if use_cfg else (logits, None)
         temp = temperature if temperature > 0 else 1.0
         guided = F.log_softmax(filter_top_k(guided_logits(cond, uncond, cfg_scale) / temp, top_k), -1)
@@ -249,9 +250,7 @@ class FastImageSampler:
             ws.keys[i].index_copy_(2, ws.slot, k)
             ws.values[i].index_copy_(2, ws.slot, v)
             key, value = ws.keys[i][:, :, :length], ws.values[i][:, :, :length]
-            with self._attention_backend():
-                o = F.scaled_dot_product_attention(q, key, value, attn_mask=mask4, dropout_p=0.0,
-                                                   scale=attn.scaling, is_causal=False)
+            o = self._attend(q, key, value, mask4, attn.scaling)
             o = o.reshape(o.shape[0], -1, 1, value.shape[-1]).transpose(1, 2).contiguous()
             o = attn.o_proj(o.reshape(*input_shape, -1).contiguous())
             h = residual + o
@@ -261,6 +260,19 @@ class FastImageSampler:
             h = residual + h
         h = lm.norm(h)
         self._sample_into_buffers(h[:, -1])
+
+    def _attend(self, q, key, value, mask4, scaling):
+        """Decode attention as the language model's own implementation computes it: transformers' eager
+        attention (the CPU default in half precision: row-for-row what teacher forcing computes) or SDPA."""
+        if getattr(self.lm.config, "_attn_implementation", "sdpa") == "eager":
+            w = torch.matmul(q, key.transpose(2, 3)) * scaling
+            if mask4 is not None:  # transformers' additive mask: 0 where attended, the dtype's minimum elsewhere
+                w = w + torch.zeros_like(mask4, dtype=w.dtype).masked_fill_(~mask4, torch.finfo(w.dtype).min)
+            w = F.softmax(w, dim=-1, dtype=torch.float32).to(q.dtype)
+            return torch.matmul(w, value)
+        with self._attention_backend():
+            return F.scaled_dot_product_attention(q, key, value, attn_mask=mask4, dropout_p=0.0, scale=scaling,
+                                                  is_causal=False)
 
     def _attention_backend(self):
         """Bucketed (masked) decode attention on CUDA runs on the memory-efficient kernel.

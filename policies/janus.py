@@ -4,7 +4,11 @@ HF `generate(generation_mode="image")` returns tokens only, so image sampling is
 a KV-cached decode over the doubled classifier-free-guidance batch, recording for every sampled
 token its log-prob under the guided distribution (what was sampled from) and under the conditional
 branch alone. Teacher forcing recomputes either with gradients; on the same weights the two agree
-to float precision, which is what makes the first PPO/GRPO ratio exactly 1.
+to float precision, which is what makes the first PPO/GRPO ratio exactly 1. In half precision the
+generation head, the CFG mixing and the log-softmax run in float32 (`sampling.generation_logits`) and
+a CPU model loads with eager attention (`sampling.default_attention`): there the two agree bit for
+bit in bf16 too. Elsewhere (SDPA/GPU kernels) they differ by rounding, which the learner measures and
+corrects every step (grpo.vllm_importance_sampling_*, README 'Sampler/learner mismatch').
 
 Randomness is drawn per sample from a seed the caller gives (see `rollouts.worker.sample_seed`)
 and turned into tokens by inverse-CDF sampling, so a sample's tokens do not depend on which batch,
@@ -21,8 +25,8 @@ from .batches import ImageRollout, ReasonedImageRollout, TextRollout
 from .fast_sampler import choose_sampler, fast_sampler_for
 from .peft_policy import PeftPolicy, fingerprint
 from .reasoning import ReasoningSampler, reasoned_logprobs
-from .sampling import (cache_kwargs, entropy_of, filter_top_k, guided_logits, inverse_cdf_sample, positions_from_mask,
-                       resolve_dtype, selective_log_softmax, uniforms_for)
+from .sampling import (cache_kwargs, default_attention, entropy_of, filter_top_k, generation_logits, guided_logits,
+                       inverse_cdf_sample, positions_from_mask, resolve_dtype, selective_log_softmax, uniforms_for)
 
 LORA_TARGET_REGEX = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)"
 
@@ -50,8 +54,9 @@ class JanusPolicy(ReasoningSampler, PeftPolicy):
         # NF4 for the language model only (a bare "vision_model" would also catch the aligners and the head)
         skip = ["model.vision_model", "model.vqmodel", "model.generation_head", "model.generation_embeddings",
                 "model.generation_aligner", "model.aligner", "lm_head"]
+        attn = default_attention(dtype, device, attn_implementation)  # eager for bf16 on the CPU: see there
         processor, model = cls.load_frozen(JanusForConditionalGeneration, JanusProcessor, name_or_path, dtype, device,
-                                           quantization, attn_implementation, skip)
+                                           quantization, attn, skip)
         return cls(model, processor, device=device, dtype=dtype)
 
     @classmethod
@@ -174,7 +179,7 @@ class JanusPolicy(ReasoningSampler, PeftPolicy):
                        use_cache=True, **cache_kwargs(cache))
         next_pos = pos[:, -1:] + 1
         for t in range(T):
-            logits = self.janus.model.generation_head(out.last_hidden_state[:, -1]).float()
+            logits = generation_logits(self.janus.model.generation_head, out.last_hidden_state[:, -1])
             cond, uncond = (logits[:B], logits[B:]) if use_cfg else (logits, None)
             temp = temperature if temperature > 0 else 1.0
             guided = F.log_softmax(filter_top_k(guided_logits(cond, uncond, cfg_scale) / temp, top_k), -1)
@@ -225,7 +230,7 @@ class JanusPolicy(ReasoningSampler, PeftPolicy):
         full_mask = torch.cat([mask, mask.new_ones(mask.shape[0], tokens.shape[1] - 1)], 1)
         h = self._lm(inputs_embeds=embeds, attention_mask=full_mask,
                      position_ids=positions_from_mask(full_mask), use_cache=False).last_hidden_state
-        logits = self.janus.model.generation_head(h[:, L - 1:]).float()
+        logits = generation_logits(self.janus.model.generation_head, h[:, L - 1:])
         temp = temperature if temperature > 0 else 1.0
         if use_cfg:
             logits = filter_top_k(guided_logits(logits[:B], logits[B:], cfg_scale) / temp, top_k)

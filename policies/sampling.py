@@ -71,6 +71,49 @@ def entropy_of(logprobs: torch.Tensor) -> torch.Tensor:
     return -(p * logprobs.masked_fill(p == 0, 0.0)).sum(-1)
 
 
+def half_precision(dtype) -> bool:
+    return resolve_dtype(dtype) in (torch.bfloat16, torch.float16)
+
+
+def default_attention(dtype, device, requested: str | None) -> str | None:
+    """The attention implementation to load a generator with: the requested one, else `eager` for a
+    half-precision model on the CPU, else transformers' default (sdpa).
+
+    Why: in bf16 on the CPU, SDPA's kernel splits a one-query decode step differently from a full
+    causal forward, and the two round differently: sampled and teacher-forced image log-probs then
+    differ by up to 0.1-0.2 nats under CFG (benchmarks/bf16_logprob_gap.py). Eager attention (one
+    matmul, float32 softmax, one matmul) computes each query row the same way whatever the number of
+    rows, so the sampler's log-probs equal the learner's bit for bit there."""
+    if requested:
+        return requested
+    return "eager" if half_precision(dtype) and torch.device(device).type == "cpu" else None
+
+
+def generation_logits(head: torch.nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """A generation head (Linear -> activation -> Linear, as Janus's) evaluated in float32 on a
+    half-precision hidden state.
+
+    Why: under CFG the logits enter as s*c - (s-1)*u, so a rounding error in bf16 logits (2^-9 of their
+    size) is amplified ~2s-1 times; in float32 that error is gone and only the hidden state's own
+    rounding remains (cfg-mode gap 0.084 -> 0.065 nats on the 1B shape with SDPA, BENCHMARKS.md). The
+    head is frozen (LoRA sits on the language model), so its float32 copy is made once and kept until
+    its weights change (storage or in-place version); a float32 head is used as it is."""
+    params = (head.proj_out.weight, head.proj_out.bias, head.vision_head.weight, head.vision_head.bias)
+    if all(p is None or p.dtype == torch.float32 for p in params):
+        return head(h.float())
+    if any(p is not None and p.requires_grad for p in params):  # a trained head: cast with gradients
+        w1, b1, w2, b2 = (None if p is None else p.float() for p in params)
+        return F.linear(head.activation_fn(F.linear(h.float(), w1, b1)), w2, b2)
+    key = tuple((p.data_ptr(), p._version) for p in params if p is not None)
+    cached = getattr(head, "_uniloop_fp32", None)
+    if cached is None or cached[0] != key:
+        with torch.no_grad():
+            cached = (key, [None if p is None else p.detach().float() for p in params])
+        head._uniloop_fp32 = cached
+    w1, b1, w2, b2 = cached[1]
+    return F.linear(head.activation_fn(F.linear(h.float(), w1, b1)), w2, b2)
+
+
 def guided_logits(cond: torch.Tensor, uncond: torch.Tensor | None, cfg_scale: float) -> torch.Tensor:
     if uncond is None:
         return cond

@@ -254,3 +254,55 @@ def solid_color_images(names: list[str], size: int, noise: float = 0.0, generato
     if noise:
         img = (img + noise * torch.randn(img.shape, generator=generator)).clamp(0, 1)
     return img
+
+
+# Janus-Pro language-model shapes (Llama, no grouped KV heads) and the real 16384-code generation head.
+JANUS_PRO_SHAPES = {"1b": dict(hidden=2048, heads=16, inter=5632, vocab=102400, layers=24),
+                    "7b": dict(hidden=4096, heads=32, inter=11008, vocab=102400, layers=30)}
+
+
+def build_janus_shaped(path: str | os.PathLike, shape: str = "1b", num_layers: int = 2, image_tokens: int = 16,
+                       vocab_size: int | None = None, dtype: str = "bfloat16", seed: int = 0) -> Path:
+    """A Janus-Pro-shaped checkpoint with random weights (default init), written with save_pretrained:
+    the real hidden size, heads, MLP width and generation head (16384 codes), `num_layers` layers,
+    `image_tokens` image tokens (a square number), the text vocabulary `vocab_size` (default: the
+    real 102400; prompt ids are small, so a smaller table changes no image computation). The SigLIP
+    encoder and the VQ convolutions are tiny: image sampling and teacher forcing never run them. For
+    numerics at real width (tests/test_bf16_logprobs.py, benchmarks/bf16_logprob_gap.py)."""
+    from transformers import (JanusConfig, JanusForConditionalGeneration, JanusImageProcessor, JanusProcessor,
+                              JanusVisionConfig, JanusVQVAEConfig, LlamaConfig)
+
+    s = JANUS_PRO_SHAPES[shape]
+    side = int(round(image_tokens ** 0.5))
+    if side * side != image_tokens:
+        raise ValueError(f"image_tokens must be a square number, got {image_tokens}")
+    spec = {"shape": shape, "num_layers": num_layers, "image_tokens": image_tokens, "vocab_size": vocab_size,
+            "dtype": dtype, "seed": seed}
+    path = Path(path)
+    if built_with(path, "uniloop_shaped.json", spec):
+        return path
+    tok = build_tokenizer()
+    h = s["hidden"]
+    text = LlamaConfig(vocab_size=vocab_size or s["vocab"], hidden_size=h, intermediate_size=s["inter"],
+                       num_hidden_layers=num_layers, num_attention_heads=s["heads"], num_key_value_heads=s["heads"],
+                       max_position_embeddings=16384, rms_norm_eps=1e-6, pad_token_id=tok.pad_token_id,
+                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    vision = JanusVisionConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=8 * side,
+                               patch_size=8, num_image_tokens=image_tokens, projection_dim=h, mlp_ratio=2.0)
+    vq = JanusVQVAEConfig(num_embeddings=16384, embed_dim=8, latent_channels=32, base_channels=32,
+                          channel_multiplier=[1, 1], num_res_blocks=1, projection_dim=h, image_token_embed_dim=h)
+    config = JanusConfig(text_config=text, vision_config=vision, vq_config=vq,
+                         image_token_id=tok.convert_tokens_to_ids("<image_placeholder>"))
+    previous = torch.get_default_dtype()
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        torch.set_default_dtype(getattr(torch, dtype))  # built directly in the checkpoint's dtype
+        try:
+            model = JanusForConditionalGeneration(config)
+        finally:
+            torch.set_default_dtype(previous)
+    for k in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        setattr(model.generation_config, k, getattr(tok, k))
+    processor = JanusProcessor(image_processor=JanusImageProcessor(size={"height": 8 * side, "width": 8 * side}),
+                               tokenizer=tok, chat_template=CHAT_TEMPLATE, num_image_tokens=image_tokens)
+    return publish_build(path, "uniloop_shaped.json", spec, model, processor)

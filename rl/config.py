@@ -15,7 +15,7 @@ from . import config_loader
 from .config_loader import ConfigError, uf
 from .config_recipes import ReasoningConfig
 from ..rewards.base import reward_types
-from .losses import ADVANTAGE_ESTIMATORS, DPO_LOSSES, LOSS_AGGREGATIONS, POLICY_LOSSES
+from .losses import ADVANTAGE_ESTIMATORS, DPO_LOSSES, IS_CORRECTIONS, LOSS_AGGREGATIONS, POLICY_LOSSES
 
 
 # ----------------------------------------------------------------------------- sections
@@ -165,6 +165,30 @@ class GRPOConfig(OptimizerConfig):
     advantage_estimator: str = uf("grpo", "Advantage estimator (registry `rl.losses.register_advantage_estimator`): "
                                   "`grpo` (group-relative, scaled by scale_rewards) or `rloo` (leave-one-out "
                                   "baseline, as TRL's RLOO).", choices=lambda: sorted(ADVANTAGE_ESTIMATORS))
+    vllm_importance_sampling_correction: bool = uf(True, "Reweight the loss by the learner/sampler probability "
+                                                   "ratio of each sampled token (truncated importance sampling, TRL's "
+                                                   "option of this name): corrects the sampler's kernels (bf16 "
+                                                   "rounding) and, for rollout.one_step_off batches, its one-version "
+                                                   "lag; the clipped ratio is then taken against the learner's own "
+                                                   "log-probs (exactly 1 on the first pass). false: the ratio's "
+                                                   "denominator is the sampler's log-probs for one-step-off batches.")
+    vllm_importance_sampling_mode: str = uf("token_truncate", "How the weights are formed (registry "
+                                            "`rl.losses.register_is_correction`): per token or per sequence (the "
+                                            "product over its tokens), truncated to [clip_min, clip_max] or zeroed "
+                                            "outside it. TRL defaults to sequence_mask; a 576-token image "
+                                            "multiplies 576 token ratios, so uniloop defaults to token_truncate.",
+                                            choices=lambda: sorted(IS_CORRECTIONS))
+    vllm_importance_sampling_clip_max: float | None = uf(3.0, "Upper bound C_max of the weights (TRL's; "
+                                                         "formerly vllm_importance_sampling_cap).", gt=0)
+    vllm_importance_sampling_clip_min: float | None = uf(None, "Lower bound C_min of the weights (null = none).",
+                                                         ge=0)
+
+    def _validate(self, prefix, src):
+        lo, hi = self.vllm_importance_sampling_clip_min, self.vllm_importance_sampling_clip_max
+        if lo is not None and hi is not None and lo > hi:
+            key = f"{prefix}.vllm_importance_sampling_clip_min"
+            raise ConfigError(f"{src.where(key)}: key '{key}' ({lo}) must not exceed "
+                              f"{prefix}.vllm_importance_sampling_clip_max ({hi})")
 
 
 @dataclass

@@ -10,7 +10,10 @@
 
 The maths are in rl/losses.py; option names follow TRL's GRPOConfig. With one optimizer step per
 rollout batch the learner's own log-probs, detached, are the "old" ones, so the first ratio is
-exactly 1 (logged as ratio/first_step_max_abs_dev).
+exactly 1 (logged as ratio/first_step_max_abs_dev). The sampler's recorded log-probs differ from
+the learner's by kernel rounding (bf16) and, one-step-off, by one adapter version: every step logs
+that gap (sampling/*) and, with grpo.vllm_importance_sampling_correction, reweights each token's
+policy loss by the truncated ratio learner/sampler (TRL's correction for vLLM rollouts).
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ import torch
 from ..policies.batches import ScoredBatch
 from ..policies.microbatch import auto_micro_batch_size
 from ..rollouts.pipeline import make_pool, sample_and_score, scoring_chunks
-from .losses import ADVANTAGE_ESTIMATORS, LossNorm, aggregate_with, grpo_token_loss, lookup
+from .losses import ADVANTAGE_ESTIMATORS, LossNorm, aggregate_with, grpo_token_loss, lookup, sampler_is_weights
 from .registry import register_algorithm
 from .tasks import build_tasks
 from .trainer import StepResult, Trainer, health_metrics, index_chunks, reward_metrics
@@ -98,6 +101,7 @@ class GRPOTrainer(Trainer):
         several_updates = g.num_iterations > 1 or len(micro) > g.gradient_accumulation_steps
         stats = {"loss": [], "kl": [], "clip_fraction": [], "grad_norm": [], "sampler_logprob_diff": []}
         ratio_dev_first = None
+        gap = SamplerGap()
         self.prepare_logprobs(scored, mode, several_updates, stats)
         # Every segment (the image tokens, an answer, a reasoned rollout's plan) is aggregated on its own,
         # with normalisers over that segment's tokens only, then weighted: 576 image tokens never drown
@@ -121,22 +125,33 @@ class GRPOTrainer(Trainer):
                 for sb, idx in group:
                     b = sb.batch.select(idx)
                     logp = policy.rollout_logprobs(b, mode)
-                    # fully on-policy: the detached current log-probs are the old ones, rho is exactly 1
-                    old = logp.detach() if it == 0 and sb.old_logprobs is None else sb.old_logprobs[idx].to(logp.device)
+                    # the learner's log-probs before this update: a frozen pass when there are several
+                    # updates, else the detached current ones (then rho is exactly 1)
+                    learner_old = (logp.detach() if sb.learner_logprobs is None
+                                   else sb.learner_logprobs[idx].to(logp.device))
+                    old = learner_old if sb.old_logprobs is None else sb.old_logprobs[idx].to(logp.device)
                     if not several_updates and b.version == policy.version:  # same weights: must agree
                         stats["sampler_logprob_diff"].append(
                             ((logp.detach().cpu() - b.logprobs(mode)) * b.completion_mask).abs().max().item())
                     ref = sb.ref_logprobs[idx].to(logp.device) if sb.ref_logprobs is not None else None
                     mask = b.completion_mask.to(logp.device) * sb.valid[idx].to(logp.device)[:, None]
+                    is_w = None
+                    if g.vllm_importance_sampling_correction:  # over the whole trajectory (every segment)
+                        is_w = sampler_is_weights(g.vllm_importance_sampling_mode, learner_old, b.logprobs(mode),
+                                                  mask, g.vllm_importance_sampling_clip_min,
+                                                  g.vllm_importance_sampling_clip_max)
+                    if it == 0:
+                        gap.add(learner_old, b.logprobs(mode), mask, is_w)
                     adv = sb.advantages[idx].to(logp.device)
                     loss, first_micro = logp.new_zeros(()), it == 0 and not stats["loss"]
                     for seg, cols in b.segments.items():  # one advantage per trajectory, a loss per segment
                         if cols.stop == cols.start:
                             continue
                         m = mask[:, cols]
+                        w = is_w[:, cols] if is_w is not None and is_w.shape == mask.shape else is_w
                         per_tok, ratio, kl, clipped = grpo_token_loss(
                             logp[:, cols], old[:, cols], adv, ref[:, cols] if ref is not None else None, g.epsilon,
-                            g.epsilon_high, g.beta, level=g.importance_sampling_level, mask=m)
+                            g.epsilon_high, g.beta, level=g.importance_sampling_level, mask=m, is_weights=w)
                         n_seq, n_tok = counts[seg]
                         norm = LossNorm(n_seq, n_tok, m.shape[1], batch_tokens[seg], steps_per_batch)
                         loss = loss + weights[seg] * aggregate_with(g.loss_type, per_tok, m, norm)
@@ -156,25 +171,28 @@ class GRPOTrainer(Trainer):
                 "kl": mean(stats["kl"]), "clip_fraction": mean(stats["clip_fraction"]),
                 "grad_norm": mean(stats["grad_norm"]),
                 "ratio/first_step_max_abs_dev": ratio_dev_first if ratio_dev_first is not None else 0.0,
-                "logprob/sampler_vs_learner_max_abs_diff": max(stats["sampler_logprob_diff"] or [0.0])}
+                "logprob/sampler_vs_learner_max_abs_diff": max(stats["sampler_logprob_diff"] or [0.0]),
+                **gap.metrics()}
 
     @torch.no_grad()
     def prepare_logprobs(self, scored: list[ScoredBatch], mode: str, several_updates: bool, stats: dict):
         """Reference log-probs (for the KL) and the ratio's "old" log-probs when they are not the current
         policy's own: the sampler's (a batch sampled with an older adapter) or a frozen no-grad pass."""
         for sb in scored:
-            sb.ref_logprobs = None
+            sb.ref_logprobs = sb.old_logprobs = sb.learner_logprobs = None
             if self.opt.beta != 0.0:
                 with self.policy.reference():
                     sb.ref_logprobs = self.micro_logprobs(sb.batch, mode)
-            if sb.batch.version != self.policy.version:
-                # sampled with an older adapter (rollout.one_step_off): the ratio is taken against the
-                # log-probs the sampler actually used, not the learner's current ones
+            if several_updates:
+                sb.learner_logprobs = self.micro_logprobs(sb.batch, mode)
+            stale = sb.batch.version != self.policy.version
+            if stale and not self.opt.vllm_importance_sampling_correction:
+                # sampled with an older adapter (rollout.one_step_off), no correction: the ratio is taken
+                # against the log-probs the sampler actually used, not the learner's current ones
                 sb.old_logprobs = sb.batch.logprobs(mode).clone()
-            elif several_updates:
-                sb.old_logprobs = self.micro_logprobs(sb.batch, mode)
+            elif several_updates and not stale:
                 stats["sampler_logprob_diff"].append(
-                    ((sb.old_logprobs - sb.batch.logprobs(mode)) * sb.batch.completion_mask).abs().max().item())
+                    ((sb.learner_logprobs - sb.batch.logprobs(mode)) * sb.batch.completion_mask).abs().max().item())
 
     def micro_logprobs(self, batch, mode: str) -> torch.Tensor:
         return torch.cat([self.policy.rollout_logprobs(batch.select(idx), mode).detach().cpu()
@@ -193,3 +211,42 @@ def _segment_tokens(sb: ScoredBatch, idx) -> dict[str, float]:
     """Valid completion tokens of rows `idx` of a scored batch, per loss segment."""
     mask = sb.batch.completion_mask[idx] * sb.valid[idx, None]
     return {seg: float(mask[:, cols].sum()) for seg, cols in sb.batch.segments.items()}
+
+
+class SamplerGap:
+    """The sampler-vs-learner log-prob gap of a step, over valid completion tokens, under TRL's metric
+    names (sampling/sampling_logp_difference/{mean,max}: |learner - sampler|;
+    sampling/importance_sampling_ratio/{min,mean,max}: the correction's weights, per token or per
+    sequence) plus the uncorrected ratio's spread (sampling/sampler_ratio/{min,max} = exp(learner -
+    sampler) before truncation: the first-step ratio a learner without the correction would see)."""
+
+    def __init__(self):
+        self.abs_sum, self.count, self.abs_max = 0.0, 0.0, 0.0
+        self.log_min, self.log_max = math.inf, -math.inf
+        self.weights = []
+
+    def add(self, learner_logp, sampler_logp, mask, weights=None):
+        m = mask.detach().bool().cpu()
+        d = (learner_logp.detach().float().cpu() - sampler_logp.float().cpu())[m]
+        if d.numel():
+            self.abs_sum += float(d.abs().sum())
+            self.count += d.numel()
+            self.abs_max = max(self.abs_max, float(d.abs().max()))
+            self.log_min, self.log_max = min(self.log_min, float(d.min())), max(self.log_max, float(d.max()))
+        if weights is not None:
+            w = weights.detach().float().cpu()
+            self.weights.append(w[m] if w.shape == m.shape else w[m.any(-1)].flatten())
+
+    def metrics(self) -> dict:
+        if not self.count:
+            return {}
+        out = {"sampling/sampling_logp_difference/mean": self.abs_sum / self.count,
+               "sampling/sampling_logp_difference/max": self.abs_max,
+               "sampling/sampler_ratio/min": math.exp(self.log_min),
+               "sampling/sampler_ratio/max": math.exp(self.log_max)}
+        w = torch.cat(self.weights) if self.weights else torch.zeros(0)
+        if w.numel():
+            out.update({"sampling/importance_sampling_ratio/min": float(w.min()),
+                        "sampling/importance_sampling_ratio/mean": float(w.mean()),
+                        "sampling/importance_sampling_ratio/max": float(w.max())})
+        return out

@@ -6,6 +6,7 @@
 | policy losses              | `grpo.importance_sampling_level` | token (GRPO/PPO clip), sequence (GSPO) |
 | loss aggregations          | `grpo.loss_type`                 | grpo, bnpo, dr_grpo, dapo           |
 | DPO losses                 | `dpo.loss_type`                  | sigmoid, robust, hinge, ipo, sft    |
+| sampler IS corrections     | `grpo.vllm_importance_sampling_mode` | token_/sequence_ truncate, mask |
 
 A new entry is a decorated function (`@register_policy_loss("mine")`); configs can name it at once.
 Option names and definitions follow TRL's GRPOConfig / DPOConfig; where ours differ the docstring
@@ -13,6 +14,7 @@ says so.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -25,10 +27,12 @@ ADVANTAGE_ESTIMATORS = Registry("advantage estimator")
 POLICY_LOSSES = Registry("policy loss")
 LOSS_AGGREGATIONS = Registry("loss aggregation")
 DPO_LOSSES = Registry("DPO loss")
+IS_CORRECTIONS = Registry("sampler importance-sampling correction")
 register_advantage_estimator = ADVANTAGE_ESTIMATORS.register
 register_policy_loss = POLICY_LOSSES.register
 register_loss_aggregation = LOSS_AGGREGATIONS.register
 register_dpo_loss = DPO_LOSSES.register
+register_is_correction = IS_CORRECTIONS.register
 
 
 def lookup(table: Registry, name: str, what: str) -> Callable:
@@ -119,6 +123,52 @@ def sequence_policy_loss(logp, old_logp, advantages, mask, epsilon: float = 0.2,
     return _clipped_surrogate(log_ratio.unsqueeze(-1), advantages, epsilon, epsilon_high)
 
 
+# ----------------------------------------------------------------------------- sampler/learner mismatch
+# Rollout log-probs are recorded by a sampler (the KV-cached decode, a Ray worker, an engine) whose
+# kernels round differently from the learner's teacher-forced pass, and for one-step-off batches it also
+# ran one adapter version behind. The token was drawn from the sampler's distribution, so the learner's
+# loss is reweighted by w = pi_learner_old / pi_sampler (truncated importance sampling, TRL's
+# `vllm_importance_sampling_*`): w = exp(old - sampler), masked tokens contribute log-ratio 0.
+def _log_is_ratio(old_logp, sampler_logp, mask, sequence: bool) -> torch.Tensor:
+    d = torch.nan_to_num((old_logp - sampler_logp) * mask, nan=0.0)
+    return d.sum(-1, keepdim=True) if sequence else d  # sequence: the product of the token ratios (TRL)
+
+
+def _truncate(log_ratio, clip_min, clip_max):
+    ratio = torch.exp(log_ratio)
+    return ratio if clip_min is None and clip_max is None else ratio.clamp(min=clip_min, max=clip_max)
+
+
+def _mask_outside(log_ratio, clip_min, clip_max):
+    ratio = torch.exp(log_ratio)
+    lo = -math.inf if clip_min is None else clip_min
+    hi = math.inf if clip_max is None else clip_max
+    return ratio.masked_fill((ratio < lo) | (ratio > hi), 0.0)
+
+
+def _is_correction(sequence: bool, bound, doc: str):
+    def correction(old_logp, sampler_logp, mask, clip_min=None, clip_max=3.0):
+        return bound(_log_is_ratio(old_logp, sampler_logp, mask, sequence), clip_min, clip_max)
+    correction.__doc__ = doc
+    return correction
+
+
+for _name, _sequence, _bound, _doc in (
+        ("token_truncate", False, _truncate, "w_t = clamp(exp(old_t - sampler_t), clip_min, clip_max) (B, T)."),
+        ("token_mask", False, _mask_outside, "w_t = exp(old_t - sampler_t), 0 outside [clip_min, clip_max] (B, T)."),
+        ("sequence_truncate", True, _truncate, "One weight per sequence, exp(sum_t old_t - sampler_t) clamped to "
+                                               "[clip_min, clip_max] (B, 1)."),
+        ("sequence_mask", True, _mask_outside, "One weight per sequence, exp(sum_t old_t - sampler_t), 0 outside "
+                                               "[clip_min, clip_max] (B, 1).")):
+    register_is_correction(_name)(_is_correction(_sequence, _bound, _doc))
+
+
+def sampler_is_weights(mode: str, old_logp, sampler_logp, mask, clip_min=None, clip_max=3.0) -> torch.Tensor:
+    """The registered correction `mode`'s weights (detached: the weight corrects, it is not optimised)."""
+    fn = lookup(IS_CORRECTIONS, mode, "vllm_importance_sampling_mode")
+    return fn(old_logp.detach(), sampler_logp.to(old_logp.device), mask.to(old_logp.device), clip_min, clip_max)
+
+
 def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     """k3 estimator of KL(pi || ref) per token: exp(ref - logp) - (ref - logp) - 1 (unbiased, >= 0)."""
     d = ref_logp - logp
@@ -128,11 +178,15 @@ def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
 def grpo_token_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
                     ref_logp: torch.Tensor | None = None, epsilon: float = 0.2,
                     epsilon_high: float | None = None, beta: float = 0.0, level: str = "token",
-                    mask: torch.Tensor | None = None):
-    """Per-token loss of the policy loss `level` + beta * KL_k3, and its parts (ratio, kl, was_clipped)."""
+                    mask: torch.Tensor | None = None, is_weights: torch.Tensor | None = None):
+    """Per-token loss of the policy loss `level` (times the sampler correction `is_weights`, (B, T) or
+    (B, 1), when given) + beta * KL_k3, and its parts (ratio, kl, was_clipped). As in TRL, the weight
+    multiplies the policy term only, not the KL."""
     mask = torch.ones_like(logp) if mask is None else mask
     loss, ratio, was_clipped = lookup(POLICY_LOSSES, level, "policy loss (importance_sampling_level)")(
         logp, old_logp, advantages, mask, epsilon, epsilon_high)
+    if is_weights is not None:
+        loss = loss * is_weights
     kl = None
     if ref_logp is not None and beta != 0.0:
         kl = k3_kl(logp, ref_logp)

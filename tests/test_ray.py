@@ -140,7 +140,10 @@ def test_one_step_off_uses_the_samplers_logprobs_as_old(ray_local, tiny_janus_di
                     ["rollout.num_workers=2", "rollout.one_step_off=true", "rollout.max_staleness=0"])
     cfg = load_config(QUICKSTART, train_overrides(tiny_janus_dir, tmp_path / "run") +
                       ["rollout.num_workers=2", "rollout.one_step_off=true", "rollout.max_staleness=1",
-                       "rollout.scoring_chunks=2"])  # the prefetch is chunked like the step it stands for
+                       "rollout.scoring_chunks=2",  # the prefetch is chunked like the step it stands for
+                       # the uncorrected ratio (with the correction, the default, the learner's log-probs are the
+                       # old ones and the lag goes into the weight: tests/test_sampler_mismatch.py)
+                       "grpo.vllm_importance_sampling_correction=false"])
     trainer = GRPOTrainer(cfg)
     policy = trainer.policy
     try:
