@@ -126,8 +126,10 @@ class RolloutWorker:
             for i in range(0, len(prompts), bs):
                 sl = slice(i, i + bs)
                 if request.kind == "image":
+                    # a sliding SDE window moves with the training step (policies/flow_sde.py)
+                    extra = {"step": request.step} if getattr(self.policy, "sample_takes_step", False) else {}
                     parts.append(self.policy.sample_images(prompts[sl], seeds[sl], group_ids=groups[sl],
-                                                           targets=targets[sl], **self.sampling.image))
+                                                           targets=targets[sl], **self.sampling.image, **extra))
                 else:
                     parts.append(self.policy.answer(request.images[image_rows[sl]], prompts[sl], seeds[sl],
                                                     group_ids=groups[sl], targets=targets[sl], **self.sampling.text))
