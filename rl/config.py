@@ -367,7 +367,7 @@ class Config:
     seed: int = uf(0, "Random seed; every sample's randomness derives from (seed, step, prompt, sample).")
     output_dir: str = uf("runs/quickstart", "Run directory (config, metrics, grids, checkpoints).")
     algorithm: str = uf("grpo", "Training algorithm: a registered one (grpo, dpo, online_dpo, flow_grpo, "
-                        "diffusion_dpo, or your own: `rl.registry.register_algorithm`).")
+                        "diffusion_dpo, diffusion_nft, or your own: `rl.registry.register_algorithm`).")
     model: ModelConfig = uf(help="The policy model.", factory=ModelConfig)
     lora: LoraSection = uf(help="The LoRA adapter (PEFT).", factory=LoraSection)
     rollout: RolloutConfig = uf(help="Sampling.", factory=RolloutConfig)
@@ -383,7 +383,8 @@ class Config:
     logging: LoggingConfig = uf(help="Logging and checkpointing.", factory=LoggingConfig)
     dpo: DPOConfig | None = uf(None, "DPO / online DPO options (names follow TRL's DPOConfig).")
     preference_data: PreferenceDataConfig | None = uf(None, "Preference pairs for offline DPO (algorithm: dpo).")
-    flow: FlowConfig | None = uf(None, "The flow-matching generator (algorithm: flow_grpo or diffusion_dpo).")
+    flow: FlowConfig | None = uf(None, "The flow-matching generator (algorithm: flow_grpo, diffusion_dpo or "
+                                  "diffusion_nft).")
     job: RolloutJobConfig | None = uf(None, "`uniloop rollout` job: prompt file -> scored samples in shards, "
                                       "summary and gallery (uses model, lora, rollout, ray, rewards, seed, "
                                       "output_dir).")
