@@ -251,7 +251,7 @@ VARIANTS = {
 
 
 def learning_run(tmp_path, path, algorithm, flow: dict, seed: int, steps: int = 14):
-    from uniloop.rl.algorithms import get_algorithm
+    from uniloop.rl.algorithms import algorithms
 
     cfg = config(tmp_path / f"{algorithm}_{seed}", path, algorithm=algorithm, extra=f"seed: {seed}")
     cfg.flow.cfg_scale, cfg.flow.num_steps, cfg.flow.train_timesteps = 1.0, 6, [0, 1, 2]  # CFG-free
@@ -262,7 +262,7 @@ def learning_run(tmp_path, path, algorithm, flow: dict, seed: int, steps: int = 
     cfg.image_task.prompts = ["a red image"]
     cfg.rollout.num_generations, cfg.grpo.beta, cfg.grpo.learning_rate = 8, 0.0, 3e-3
     cfg.grpo.eval_samples_per_prompt = 8
-    trainer = get_algorithm(algorithm)(cfg)
+    trainer = algorithms()[algorithm](cfg)
     before = trainer.evaluate()["eval/reward/color/mean"]
     rewards = [trainer.train_step()[0]["reward/color/mean"] for _ in range(steps)]
     return before, rewards, trainer.evaluate()["eval/reward/color/mean"]
