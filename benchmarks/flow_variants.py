@@ -104,6 +104,7 @@ def summarise(runs: list[dict], baseline: str = "flow_grpo") -> list[dict]:
                      "steps": statistics.median(r["steps_to_target"] for r in done) if done else None,
                      "seconds": statistics.median(r["seconds_to_target"] for r in done) if done else None,
                      "seconds_per_step": statistics.median(r["seconds_per_step"] for r in mine),
+                     "first_reward": statistics.median(sum(r["rewards"][:3]) / 3 for r in mine),
                      "final_reward": statistics.median(sum(r["rewards"][-3:]) / 3 for r in mine)})
     base = next(r for r in rows if r["variant"] == baseline)
     for r in rows:
@@ -177,13 +178,14 @@ def main():
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"env": env, "args": vars(args), "summary": rows, "runs": runs}, indent=1))
     plot(runs, args.target, Path(args.plot))
-    print("| variant | reached | steps (median) | seconds (median) | s/step | time ratio | step ratio | final reward |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| variant | reached | steps (median) | seconds (median) | s/step | time ratio | step ratio | "
+          "reward steps 1-3 | last 3 |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     fmt = lambda v, f="{:.2f}": "-" if v is None else f.format(v)  # noqa: E731
     for r in rows:
         print(f"| {r['variant']} | {r['reached']} | {fmt(r['steps'], '{:g}')} | {fmt(r['seconds'], '{:.1f}')} | "
               f"{r['seconds_per_step']:.2f} | {fmt(r['time_ratio'])} | {fmt(r['step_ratio'])} | "
-              f"{r['final_reward']:.3f} |")
+              f"{r['first_reward']:.3f} | {r['final_reward']:.3f} |")
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from ..policies.batches import ScoredBatch
 from .ema import AdapterEMA, linear_decay
 from .flow_grpo import FlowGRPOTrainer
 from .registry import register_algorithm
-from .trainer import index_chunks
+from .trainer import accumulation_groups
 
 
 def nft_loss(v: torch.Tensor, v_old: torch.Tensor, x_t: torch.Tensor, x0: torch.Tensor, t: torch.Tensor,
@@ -99,9 +99,7 @@ class DiffusionNFTTrainer(FlowGRPOTrainer):
         stats = {"loss": [], "grad_norm": [], "kl": [], "r": []}
         dev = policy.device
         for _ in range(g.num_iterations):
-            micro = [[rows[i] for i in chunk] for chunk in index_chunks(len(rows), g.per_device_train_batch_size)]
-            for start in range(0, len(micro), g.gradient_accumulation_steps):
-                group = micro[start:start + g.gradient_accumulation_steps]
+            for group in accumulation_groups(rows, g.per_device_train_batch_size, g.gradient_accumulation_steps):
                 n_rows = sum(len(m) for m in group)
                 self.optimizer.zero_grad(set_to_none=True)
                 step_loss = 0.0

@@ -32,7 +32,7 @@ from .ema import AdapterEMA, flow_grpo_decay
 from .grpo import GRPOTrainer
 from .registry import register_algorithm
 from .tasks import ImageTask
-from .trainer import index_chunks
+from .trainer import accumulation_groups
 
 
 def flow_grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, epsilon: float,
@@ -146,9 +146,8 @@ class FlowGRPOTrainer(GRPOTrainer):
             return {"loss": 0.0, "update/skipped": 1}
         n_trained = 0
         for it in range(g.num_iterations):
-            micro = [[rows[i] for i in chunk] for chunk in index_chunks(len(rows), g.per_device_train_batch_size)]
-            for start in range(0, len(micro), g.gradient_accumulation_steps):
-                group = micro[start:start + g.gradient_accumulation_steps]
+            groups = accumulation_groups(rows, g.per_device_train_batch_size, g.gradient_accumulation_steps)
+            for start, group in enumerate(groups):
                 n_rows = sum(len(m) for m in group)
                 self.optimizer.zero_grad(set_to_none=True)
                 step_loss = 0.0

@@ -291,6 +291,12 @@ def health_metrics(scored: list[ScoredBatch]) -> dict:
     return m
 
 
+def accumulation_groups(rows: list[int], micro_size: int, accumulation: int) -> list[list[list[int]]]:
+    """`rows` in micro-batches of micro_size, `accumulation` micro-batches per optimizer step."""
+    micro = [[rows[i] for i in chunk] for chunk in index_chunks(len(rows), micro_size)]
+    return [micro[i:i + accumulation] for i in range(0, len(micro), max(1, accumulation))]
+
+
 def index_chunks(n: int, size: int) -> list[list[int]]:
     """[0, n) in consecutive chunks of `size` (at least 1)."""
     size = max(1, size)

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import perturb_adapter
 
 from uniloop.policies.flow import FlowPolicy
 from uniloop.policies.flow_sde import cps_step, sde_window_mask
@@ -14,12 +15,7 @@ from uniloop.rl.config import load_config
 from uniloop.rl.losses import grpo_advantages
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # toy tensors: extra threads only contend
 
 
 def config(tmp_path, path, algorithm="flow_grpo", flow="", grpo="", extra=""):
@@ -34,14 +30,6 @@ image_task: {{prompts: [a red image, a blue image], prompts_per_step: 2}}
 rewards: [{{name: color}}]
 logging: {{progress_bar: false, tensorboard: false, image_grid_every: 0, save_every: 0}}
 {extra}""")
-
-
-def perturb(policy, scale=0.2, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in policy.transformer.named_parameters():
-            if "lora_B" in name:
-                p.add_(torch.randn(p.shape, generator=g) * scale)
 
 
 # ----------------------------------------------------------------------------- flow_grpo's official code
@@ -111,7 +99,7 @@ def test_kl_form_flow_grpo_step_loss_and_gradient_equal_the_official_loss(tmp_pa
     policy = trainer.policy
     batch = policy.sample_images(["a red image"] * 3 + ["a blue image"] * 3, list(range(6)), num_steps=4,
                                  cfg_scale=2.0, noise_level=0.7, group_ids=[0, 0, 0, 1, 1, 1])
-    perturb(policy, 0.05)  # theta != theta_old (ratios off 1, some clipped) and != the reference (KL > 0)
+    perturb_adapter(policy, 0.05)  # theta != theta_old (ratios off 1, some clipped) and != the reference (KL > 0)
     rewards = torch.tensor([0.1, 0.7, 0.4, 0.9, 0.2, 0.25])
     # the advantages: population std, global (flow_grpo's default global_std) and per prompt
     for scale, global_std in (("batch", True), ("group", False)):
@@ -145,7 +133,7 @@ def test_kl_form_flow_grpo_step_loss_and_gradient_equal_the_official_loss(tmp_pa
 
 def test_detach_uncond_keeps_values_and_drops_the_unconditional_gradient(tiny_sd3_dir):
     policy = FlowPolicy.from_pretrained(tiny_sd3_dir, max_sequence_length=8).add_lora(r=4, alpha=8)
-    perturb(policy, 0.1)
+    perturb_adapter(policy, 0.1)
     x, t = torch.randn(2, policy.latent_channels, 4, 4), torch.full((2,), 0.6)
     params = policy.trainable_parameters()
     full = policy.velocity(x, t, ["a red image"] * 2, 3.0)
@@ -221,7 +209,7 @@ def test_cps_step_preserves_the_interpolation_coefficients():
                                              ("cps", {"size": 2, "range": [1, 4], "schedule": "sliding"})])
 def test_window_and_cps_logprobs_recorded_equal_recomputed(tiny_sd3_dir, sde_type, window):
     policy = FlowPolicy.from_pretrained(tiny_sd3_dir, max_sequence_length=8).add_lora(r=4, alpha=8)
-    perturb(policy, 0.1)
+    perturb_adapter(policy, 0.1)
     policy.transformer.eval()
     batch = policy.sample_images(["a red image", "a blue image"] * 2, [5, 6, 7, 8], num_steps=4, cfg_scale=2.0,
                                  noise_level=0.7, sde_type=sde_type, sde_window=window, step=3)
@@ -275,3 +263,48 @@ def test_variant_learns_the_color_task_on_three_seeds(tmp_path, tiny_sd3_dir, va
         before, rewards, after = learning_run(tmp_path, tiny_sd3_dir, algorithm, flow, seed)
         assert all(math.isfinite(r) for r in rewards)
         assert after > before + 0.1, (variant, seed, before, after, rewards)
+
+
+def test_diffusion_nft_runs_checkpoints_keep_the_old_adapter_and_resume(tmp_path, tiny_sd3_dir):
+    import json
+
+    from uniloop.rl.algorithms import algorithms, get_algorithm
+    from uniloop.rl.checkpoint import latest_checkpoint, load_checkpoint
+    from uniloop.rl.diffusion_nft import nft_loss
+
+    cfg = config(tmp_path, tiny_sd3_dir, algorithm="diffusion_nft")
+    cfg.flow.cfg_scale, cfg.logging.save_every = 1.0, 1
+    summary = get_algorithm("diffusion_nft")(cfg, resume=False)
+    assert summary["steps"] == 2 and math.isfinite(summary["reward/color/mean"]["last_10pct"])
+    ckpt = latest_checkpoint(tmp_path / "run")
+    state = load_checkpoint(ckpt)
+    assert state["nft_old"]["updates"] == 2
+    cfg.grpo.max_steps = 3
+    get_algorithm("diffusion_nft")(cfg, resume=True)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
+    # the loss: v == v_old gives x0(v+) == x0(v-), so L = c * err / beta whatever r; r = 1/2 + A / (2c)
+    trainer = algorithms()["diffusion_nft"](cfg)
+    g = torch.Generator().manual_seed(0)
+    x0, eps, v = (torch.randn(3, 4, 4, 4, generator=g) for _ in range(3))
+    t = torch.tensor([0.2, 0.5, 0.9]).view(-1, 1, 1, 1)
+    x_t = (1 - t) * x0 + t * eps
+    loss, r = nft_loss(v, v, x_t, x0, t.flatten(), torch.tensor([-7.0, 0.0, 2.5]), beta=1.0, adv_clip_max=5.0)
+    err = x_t - t * v - x0
+    want = 5.0 * (err ** 2 / err.abs().mean(dim=(1, 2, 3), keepdim=True)).mean(dim=(1, 2, 3))
+    assert torch.allclose(r, torch.tensor([0.0, 0.5, 0.75])) and torch.allclose(loss, want, rtol=1e-6)
+    # the exact velocity (eps - x0) is a zero of the positive branch: r = 1 leaves only it
+    loss, _ = nft_loss(eps - x0, v, x_t, x0, t.flatten(), torch.tensor([5.0] * 3), beta=1.0)
+    assert loss.abs().max() < 1e-4
+    assert trainer.sampling.image["sde_type"] == "ode"
+
+
+def test_bad_window_and_kl_form_keys_fail_with_one_line_naming_the_key(tmp_path, tiny_sd3_dir):
+    from uniloop.rl.config_loader import ConfigError
+
+    with pytest.raises(ConfigError, match="flow.sde_window_size"):
+        config(tmp_path, tiny_sd3_dir, flow=", sde_window_size: 3, sde_window_range: [0, 2]")
+    with pytest.raises(ConfigError, match="flow.sde_window_range"):
+        config(tmp_path, tiny_sd3_dir, flow=", sde_window_range: [2, 9]")
+    with pytest.raises(ConfigError, match="flow.kl_form"):
+        config(tmp_path, tiny_sd3_dir, flow=", kl_form: official")
