@@ -11,7 +11,8 @@ Gaussian whose log-prob can be recorded while sampling and recomputed with gradi
     x_next   = mean + sigma_t * sqrt(-dt) * noise                      (dt = t_next - t < 0)
 
 (t is the flow "sigma": x_t = (1 - t) * x_0 + t * noise, velocity v = noise - x_0). The log-prob is
-averaged over the latent's dimensions and computed in float32 whatever the model dtype.
+averaged over the latent's dimensions and computed in float32 whatever the model dtype. The step
+functions (this SDE step, CPS, the ODE step outside an SDE window) are in policies/flow_sde.py.
 
 Randomness is drawn per sample from a seed the caller gives, so a sample does not depend on which
 batch, worker or device drew it. `build_tiny_sd3` writes a tiny but real pipeline directory (tests,

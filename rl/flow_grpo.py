@@ -7,11 +7,17 @@ transition k of each sample, the clipped-ratio loss
     rho = exp(log p_theta(x_{k+1} | x_k) - log p_old(x_{k+1} | x_k))
     L   = max(-A * rho, -A * clip(rho, 1 - eps, 1 + eps_high)) + beta * KL_k,  A clipped to +-adv_clip_max
     KL_k = ||mean_theta - mean_ref||^2 / (2 std_k^2)   (closed form: both transitions are Gaussians
-                                                        with the same std; mean over dimensions)
+                                                        with the same std; mean over dimensions;
+                                                        flow.kl_form flow_grpo: times (-dt), the official form)
 
 all in float32. The "old" log-probs are the ones recorded while sampling, so the ratio on the first
 inner step of an on-policy update is 1 up to float error: that is checked and logged
 (`ratio/first_step_max_abs_dev`), as is the sampler-vs-learner log-prob difference.
+
+Variants (README "Flow-GRPO variants"): an SDE window (flow.sde_window_*: only those steps are
+stochastic and trained, ODE elsewhere; Flow-GRPO-Fast, MixGRPO), CPS steps (flow.sde_type), CFG-free
+training (flow.cfg_scale 1) or a detached unconditional branch (flow.detach_uncond), and an EMA of the
+adapter (flow.ema_*) for evaluation and optionally sampling.
 
 Options: `flow` (model, sampling: num_steps, cfg_scale, noise_level, trained transitions, adv clip),
 `grpo` (learning_rate, beta, epsilon, epsilon_high, num_iterations, batch sizes, max_steps,
