@@ -308,3 +308,13 @@ def test_bad_window_and_kl_form_keys_fail_with_one_line_naming_the_key(tmp_path,
         config(tmp_path, tiny_sd3_dir, flow=", sde_window_range: [2, 9]")
     with pytest.raises(ConfigError, match="flow.kl_form"):
         config(tmp_path, tiny_sd3_dir, flow=", kl_form: official")
+
+
+@pytest.mark.parametrize("recipe", ["flow_grpo_fast_quickstart.yaml", "diffusion_nft_quickstart.yaml"])
+def test_variant_recipes_load_and_validate(recipe):
+    from pathlib import Path
+
+    from uniloop.rl.validate import load_run_config
+
+    cfg = load_run_config(Path(__file__).resolve().parent.parent / "configs" / recipe)
+    assert cfg.algorithm in ("flow_grpo", "diffusion_nft") and cfg.flow.cfg_scale == 1.0
