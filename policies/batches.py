@@ -224,12 +224,20 @@ class FlowRollout(_Batch):
     cfg_scale: float = 1.0
     noise_level: float = 0.7
     targets: list[str] = field(default_factory=list)  # optional per-sample ground truth (e.g. color)
+    sde_type: str = "sde"  # the stochastic step kind: sde | cps | ode (policies/flow_sde.py)
+    sde_mask: torch.Tensor | None = None  # (B, K) bool: stochastic transitions (None = all); ODE elsewhere
 
     kind = "image"
 
     @property
     def num_steps(self) -> int:
         return self.logprobs.shape[1]
+
+    def stochastic_steps(self) -> torch.Tensor:
+        """(B, K) bool: the transitions that were sampled stochastically (the trainable ones)."""
+        if self.sde_mask is not None:
+            return self.sde_mask
+        return torch.full(self.logprobs.shape, self.sde_type != "ode", dtype=torch.bool)
 
 
 Rollout = ImageRollout | ReasonedImageRollout | TextRollout | FlowRollout

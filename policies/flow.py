@@ -11,7 +11,8 @@ Gaussian whose log-prob can be recorded while sampling and recomputed with gradi
     x_next   = mean + sigma_t * sqrt(-dt) * noise                      (dt = t_next - t < 0)
 
 (t is the flow "sigma": x_t = (1 - t) * x_0 + t * noise, velocity v = noise - x_0). The log-prob is
-averaged over the latent's dimensions and computed in float32 whatever the model dtype.
+averaged over the latent's dimensions and computed in float32 whatever the model dtype. The step
+functions (this SDE step, CPS, the ODE step outside an SDE window) are in policies/flow_sde.py.
 
 Randomness is drawn per sample from a seed the caller gives, so a sample does not depend on which
 batch, worker or device drew it. `build_tiny_sd3` writes a tiny but real pipeline directory (tests,
@@ -20,13 +21,13 @@ quickstarts) whose VAE is fitted so that latents decode to colors (policies/flow
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 from pathlib import Path
 
 import torch
 
 from .batches import FlowRollout
+from .flow_sde import STEPS, gaussian_mean_kl, sample_noise, sde_step, sde_window_mask  # noqa: F401 (re-exported)
 from .sampling import resolve_dtype
 
 # Flow-GRPO's choice: adapters on the attention projections of every joint transformer block.
@@ -35,54 +36,12 @@ PEFT_WEIGHTS = "adapter_model.safetensors"  # PEFT's file name (PeftModel.from_p
 DIFFUSERS_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' (pipe.load_lora_weights reads it)
 
 
-# ----------------------------------------------------------------------------- the SDE step
-def sde_step(velocity: torch.Tensor, x: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor, noise_level: float,
-             t_cap: torch.Tensor, noise: torch.Tensor | None = None, x_next: torch.Tensor | None = None):
-    """One stochastic Euler step of the flow ODE and the Gaussian log-prob of the transition, in fp32.
-
-    t, t_next, t_cap: (B,) flow times. `t_cap` replaces t in 1/(1 - t) where t = 1 (the first step of
-    a schedule starting at pure noise would otherwise have infinite noise); it is the schedule's
-    second time. Give `noise` to sample x_next, or `x_next` to score a recorded transition.
-    Returns (x_next, logprob (B,), mean, std (B,)).
-    """
-    v, x = velocity.float(), x.float()
-    shape = (-1,) + (1,) * (x.dim() - 1)
-    t, t_next, t_cap = (u.float().view(shape) for u in (t, t_next, t_cap))
-    dt = t_next - t  # negative: time runs from noise (1) to data (0)
-    t_safe = torch.where(t >= 1, t_cap, t)
-    sigma_t = noise_level * torch.sqrt(t / (1 - t_safe))
-    mean = x * (1 + sigma_t ** 2 / (2 * t) * dt) + v * (1 + sigma_t ** 2 * (1 - t) / (2 * t)) * dt
-    std = sigma_t * torch.sqrt(-dt)
-    if x_next is None:
-        if noise is None:
-            raise ValueError("sde_step needs `noise` to sample or `x_next` to score")
-        x_next = mean + std * noise.float()
-    x_next = x_next.float()
-    logp = -((x_next - mean) ** 2) / (2 * std ** 2) - torch.log(std) - 0.5 * math.log(2 * math.pi)
-    return x_next, logp.mean(dim=tuple(range(1, x.dim()))), mean, std.view(-1)
-
-
-def gaussian_mean_kl(mean: torch.Tensor, mean_ref: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """KL between two transition Gaussians with the same std, per sample (mean over dimensions)."""
-    d = (mean.float() - mean_ref.float()) ** 2
-    return d.mean(dim=tuple(range(1, d.dim()))) / (2 * std.float() ** 2)
-
-
-def sample_noise(seeds: list[int], num_steps: int, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Initial noise (B, *shape) and per-step noises (B, K, *shape); each row depends on its seed alone."""
-    x0, steps = [], []
-    for s in seeds:
-        g = torch.Generator().manual_seed(int(s))
-        x0.append(torch.randn(shape, generator=g))
-        steps.append(torch.randn((num_steps, *shape), generator=g))
-    return torch.stack(x0), torch.stack(steps)
-
-
 # ----------------------------------------------------------------------------- the policy
 class FlowPolicy:
     """An SD3-family pipeline (hub id or local directory) wrapped for RL."""
 
     modalities = ("image",)  # generates images only
+    sample_takes_step = True  # sample_images(step=...): a sliding SDE window moves with the training step
 
     def __init__(self, pipe, device="cpu", dtype=torch.float32, max_sequence_length: int = 256):
         self.pipe = pipe
@@ -284,10 +243,12 @@ class FlowPolicy:
                 torch.stack([self._prompt_cache[p][1] for p in prompts]))
 
     # ------------------------------------------------------------------ the network
-    def velocity(self, x: torch.Tensor, t: torch.Tensor, prompts: list[str], cfg_scale: float = 1.0) -> torch.Tensor:
+    def velocity(self, x: torch.Tensor, t: torch.Tensor, prompts: list[str], cfg_scale: float = 1.0,
+                 detach_uncond: bool = False) -> torch.Tensor:
         """The (guided) velocity v(x, t | prompt) in fp32; gradients flow when enabled by the caller.
 
-        With cfg_scale > 1 the batch is doubled with the empty prompt: v = u + s * (c - u).
+        With cfg_scale > 1 the batch is doubled with the empty prompt: v = u + s * (c - u);
+        detach_uncond stops the gradient through u (flow_grpo's training forward), not its value.
         """
         emb, pooled = self.encode_prompts(prompts)
         t = t.to(self.device, torch.float32).expand(x.shape[0])
@@ -301,6 +262,8 @@ class FlowPolicy:
                                encoder_hidden_states=emb, pooled_projections=pooled, return_dict=False)[0].float()
         if cfg_scale > 1.0:
             uncond, cond = out.chunk(2)
+            if detach_uncond:
+                uncond = uncond.detach()
             return uncond + cfg_scale * (cond - uncond)
         return out
 
@@ -324,11 +287,19 @@ class FlowPolicy:
     @torch.no_grad()
     def sample_images(self, prompts: list[str], seeds: list[int], num_steps: int = 10, cfg_scale: float = 4.5,
                       noise_level: float = 0.7, group_ids=None, targets: list[str] | None = None,
-                      height: int | None = None, width: int | None = None, batch_size: int = 0) -> FlowRollout:
-        """SDE sampling with the log-prob of every transition recorded (see module docstring)."""
+                      height: int | None = None, width: int | None = None, batch_size: int = 0,
+                      sde_type: str = "sde", sde_window: dict | None = None, step: int = 0) -> FlowRollout:
+        """Stochastic sampling with the log-prob of every stochastic transition recorded (policies/flow_sde.py).
+
+        sde_type: `sde` (Flow-GRPO), `cps` (coefficients-preserving) or `ode` (deterministic everywhere:
+        DiffusionNFT's sampler, no log-probs). sde_window: which steps are stochastic (`sde_window_mask`;
+        ODE elsewhere, log-prob 0 there); `step` is the training step a sliding window moves with.
+        """
         if len(prompts) != len(seeds):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
-        if noise_level <= 0:
+        if sde_type not in STEPS:
+            raise ValueError(f"sde_type must be one of {sorted(STEPS)}, got {sde_type!r}")
+        if noise_level <= 0 and sde_type != "ode":
             raise ValueError("noise_level must be > 0: a deterministic (ODE) step has no log-prob")
         height, width = height or self.image_size, width or self.image_size
         f = self.vae_scale_factor * self.transformer.config.patch_size
@@ -339,6 +310,7 @@ class FlowPolicy:
         shape = (self.latent_channels, *hw)
         sig = self.sigma_schedule(num_steps, hw)
         x0, noises = sample_noise(seeds, num_steps, shape)
+        mask = sde_window_mask(seeds, num_steps, sde_window, step) & (sde_type != "ode")
         bs = batch_size or len(prompts)
         lat_rows, logp_rows = [], []
         for i in range(0, len(prompts), bs):
@@ -347,10 +319,10 @@ class FlowPolicy:
             n = len(ps)
             traj, logps = [x.float().cpu()], []
             for k in range(num_steps):
-                t, t_next = sig[k].expand(n), sig[k + 1].expand(n)
+                t, t_next = sig[k].expand(n).to(self.device), sig[k + 1].expand(n).to(self.device)
                 v = self.velocity(x, t, ps, cfg_scale)
-                x, logp, _, _ = sde_step(v, x, t.to(self.device), t_next.to(self.device), noise_level,
-                                         sig[1].expand(n).to(self.device), noise=noises[i:i + bs, k].to(self.device))
+                x, logp = self._step(v, x, t, t_next, sig[1].expand(n).to(self.device), noise_level, sde_type,
+                                     mask[i:i + bs, k].to(self.device), noise=noises[i:i + bs, k].to(self.device))[:2]
                 traj.append(x.cpu())
                 logps.append(logp.cpu())
             lat_rows.append(torch.stack(traj, 1))
@@ -361,14 +333,28 @@ class FlowPolicy:
         return FlowRollout(prompts=list(prompts), latents=latents, sigmas=sig.expand(len(prompts), -1).clone(),
                            logprobs=torch.cat(logp_rows), images=images, group_ids=gids,
                            targets=list(targets or []), version=self.version, cfg_scale=cfg_scale,
-                           noise_level=noise_level)
+                           noise_level=noise_level, sde_type=sde_type, sde_mask=mask)
+
+    @staticmethod
+    def _step(v, x, t, t_next, t_cap, noise_level, sde_type, stochastic, noise=None, x_next=None):
+        """One step per row: the stochastic kind where `stochastic` (B,) is set, the ODE step elsewhere."""
+        if sde_type == "ode" or not stochastic.any():
+            return STEPS["ode"](v, x, t, t_next)
+        xs, logp, mean, std = STEPS[sde_type](v, x, t, t_next, noise_level, t_cap, noise=noise, x_next=x_next)
+        if stochastic.all():
+            return xs, logp, mean, std
+        xo, _, mo, _ = STEPS["ode"](v, x, t, t_next)
+        m = stochastic.view((-1,) + (1,) * (x.dim() - 1))
+        return (torch.where(m, xs, xo), torch.where(stochastic, logp, 0.0), torch.where(m, mean, mo),
+                torch.where(stochastic, std, 0.0))
 
     def transition_logprobs(self, batch: FlowRollout, step_index: int | torch.Tensor, cfg_scale: float | None = None,
-                            noise_level: float | None = None):
+                            noise_level: float | None = None, detach_uncond: bool = False):
         """Recompute (with gradients, if enabled) the log-prob of transition `step_index` of each row.
 
         step_index: an int, or a (B,) tensor (a different transition per row). Returns
-        (logprob (B,), mean (B, C, h, w), std (B,)), all fp32.
+        (logprob (B,), mean (B, C, h, w), std (B,)), all fp32, of the step kind the batch was sampled with
+        (0, the ODE step's mean and 0 where the transition was deterministic).
         """
         B = len(batch)
         idx = torch.as_tensor(step_index, dtype=torch.long).expand(B)
@@ -377,10 +363,11 @@ class FlowPolicy:
         t, t_next = batch.sigmas[rows, idx], batch.sigmas[rows, idx + 1]
         cfg = batch.cfg_scale if cfg_scale is None else cfg_scale
         a = batch.noise_level if noise_level is None else noise_level
-        v = self.velocity(x.to(self.device), t, batch.prompts, cfg)
         dev = self.device
-        _, logp, mean, std = sde_step(v, x.to(dev), t.to(dev), t_next.to(dev), a, batch.sigmas[:, 1].to(dev),
-                                      x_next=x_next.to(dev))
+        v = self.velocity(x.to(dev), t, batch.prompts, cfg, detach_uncond)
+        stochastic = batch.stochastic_steps()[rows, idx].to(dev)
+        _, logp, mean, std = self._step(v, x.to(dev), t.to(dev), t_next.to(dev), batch.sigmas[:, 1].to(dev), a,
+                                        batch.sde_type, stochastic, x_next=x_next.to(dev))
         return logp, mean, std
 
     # ------------------------------------------------------------------ pixels <-> latents

@@ -16,6 +16,7 @@ from .config_loader import ConfigError, uf
 from .config_recipes import ReasoningConfig
 from ..rewards.base import reward_types
 from .losses import ADVANTAGE_ESTIMATORS, DPO_LOSSES, IS_CORRECTIONS, LOSS_AGGREGATIONS, POLICY_LOSSES
+from .flow_config import FlowConfig  # noqa: F401  (a section of RunConfig; re-exported)
 
 
 # ----------------------------------------------------------------------------- sections
@@ -162,6 +163,8 @@ class GRPOConfig(OptimizerConfig):
                           "advantages from near-identical samples).", ge=0)
     scale_rewards: str = uf("group", "Advantage scaling: `group` std, `batch` std, or `none` (Dr. GRPO).",
                             choices=["group", "batch", "none"])
+    std_ddof: int = uf(1, "Delta degrees of freedom of the reward std: 1 = sample std (torch.std, TRL), 0 = "
+                       "population std (np.std: flow_grpo's per-prompt stat tracker).", choices=[0, 1])
     advantage_estimator: str = uf("grpo", "Advantage estimator (registry `rl.losses.register_advantage_estimator`): "
                                   "`grpo` (group-relative, scaled by scale_rewards) or `rloo` (leave-one-out "
                                   "baseline, as TRL's RLOO).", choices=lambda: sorted(ADVANTAGE_ESTIMATORS))
@@ -364,57 +367,6 @@ class DPOConfig(OptimizerConfig):
 
 
 @dataclass
-class FlowConfig:
-    """The flow-matching generator of `flow_grpo` / `diffusion_dpo` (SD3 family, diffusers)."""
-
-    name_or_path: str = uf("tiny", "Hub id (stabilityai/stable-diffusion-3.5-medium) or local directory of a diffusers "
-                           "StableDiffusion3Pipeline; `tiny` builds a tiny one offline (tests, quickstarts).")
-    tiny_dir: str = uf("", "Where the tiny pipeline is written when name_or_path is `tiny` "
-                       "(default: <output_dir>/../.tiny_models/sd3_seed<seed>, shared between runs).")
-    tiny: dict = uf(help="Overrides of the tiny pipeline's shape (latent_size, num_layers, vae_fit_steps, ...; "
-                    "see policies.flow.TINY_SD3_DEFAULTS).", factory=dict)
-    dtype: str = uf("float32", "Weights dtype of the pipeline; LoRA tensors, log-probs and losses stay float32.",
-                    choices=["float32", "bfloat16", "float16"])
-    device: str = uf("cpu", "Device of the pipeline (cpu, cuda, cuda:1).")
-    load_t5: bool = uf(True, "Load the T5 text encoder; false feeds zeros in its place (saves ~9 GB for SD3.5, "
-                       "weaker prompt following).")
-    max_sequence_length: int = uf(256, "T5 prompt length in tokens (with load_t5 false: the length of the zero "
-                                  "block).", ge=1)
-    lora_target_modules: list[str] = uf(help="Transformer modules that get LoRA adapters (Flow-GRPO's attention "
-                                        "projections); r, alpha, dropout and init_adapter come from `lora`.",
-                                        factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
-    gradient_checkpointing: bool = uf(False, "Recompute transformer activations in the backward pass (saves memory).")
-    noise_level: float = uf(0.7, "The SDE noise level a in sigma_t = a*sqrt(t/(1-t)) (Flow-GRPO: 0.7); > 0.")
-    cfg_scale: float = uf(4.5, "Classifier-free guidance scale for sampling and for the recomputed log-probs "
-                          "(<= 1 disables CFG and halves the cost).", ge=0)
-    num_steps: int = uf(10, "Denoising steps per sample (Flow-GRPO trains with 10 and evaluates with 40).", ge=1)
-    resolution: int = uf(0, "Image side in pixels (0 = the model's default: sample_size x VAE factor).", ge=0)
-    sample_batch_size: int = uf(0, "Samples per forward batch while sampling (0 = all at once).", ge=0)
-    train_timestep_fraction: float = uf(1.0, "Fraction of the num_steps transitions trained per step, drawn at "
-                                        "random each step (< 1 trades signal for speed).")
-    train_timesteps: list[int] = uf(help="Explicit transition indices to train (0 = the first, noisiest step); "
-                                    "overrides train_timestep_fraction when non-empty.", factory=list)
-    adv_clip_max: float = uf(5.0, "Flow-GRPO clips advantages to [-adv_clip_max, adv_clip_max].", gt=0)
-    dpo_timestep_sampling: str = uf("uniform", "Diffusion-DPO: how each pair's flow time t is drawn: `uniform`, "
-                                    "or `logit_normal` (SD3's training distribution).",
-                                    choices=["uniform", "logit_normal"])
-
-    def _validate(self, prefix, src):
-        if self.noise_level <= 0:
-            raise ConfigError(f"{src.where(f'{prefix}.noise_level')}: key '{prefix}.noise_level' must be > 0 "
-                              f"(a deterministic step has no log-prob), got {self.noise_level}")
-        if self.num_steps < 1:
-            raise ConfigError(f"{src.where(f'{prefix}.num_steps')}: key '{prefix}.num_steps' must be >= 1")
-        if not 0 < self.train_timestep_fraction <= 1:
-            raise ConfigError(f"{src.where(f'{prefix}.train_timestep_fraction')}: key "
-                              f"'{prefix}.train_timestep_fraction' must be in (0, 1], got {self.train_timestep_fraction}")
-        bad = [k for k in self.train_timesteps if not 0 <= k < self.num_steps]
-        if bad:
-            raise ConfigError(f"{src.where(f'{prefix}.train_timesteps')}: key '{prefix}.train_timesteps' has "
-                              f"indices {bad} outside [0, num_steps={self.num_steps})")
-
-
-@dataclass
 class RolloutJobConfig:
     """`uniloop rollout`: sample and score a prompt file into resumable shards and a gallery."""
 
@@ -450,7 +402,7 @@ class Config:
     seed: int = uf(0, "Random seed; every sample's randomness derives from (seed, step, prompt, sample).")
     output_dir: str = uf("runs/quickstart", "Run directory (config, metrics, grids, checkpoints).")
     algorithm: str = uf("grpo", "Training algorithm: a registered one (grpo, dpo, online_dpo, flow_grpo, "
-                        "diffusion_dpo, or your own: `rl.registry.register_algorithm`).")
+                        "diffusion_dpo, diffusion_nft, or your own: `rl.registry.register_algorithm`).")
     model: ModelConfig = uf(help="The policy model.", factory=ModelConfig)
     lora: LoraSection = uf(help="The LoRA adapter (PEFT).", factory=LoraSection)
     rollout: RolloutConfig = uf(help="Sampling.", factory=RolloutConfig)
@@ -468,7 +420,8 @@ class Config:
     logging: LoggingConfig = uf(help="Logging and checkpointing.", factory=LoggingConfig)
     dpo: DPOConfig | None = uf(None, "DPO / online DPO options (names follow TRL's DPOConfig).")
     preference_data: PreferenceDataConfig | None = uf(None, "Preference pairs for offline DPO (algorithm: dpo).")
-    flow: FlowConfig | None = uf(None, "The flow-matching generator (algorithm: flow_grpo or diffusion_dpo).")
+    flow: FlowConfig | None = uf(None, "The flow-matching generator (algorithm: flow_grpo, diffusion_dpo or "
+                                  "diffusion_nft).")
     job: RolloutJobConfig | None = uf(None, "`uniloop rollout` job: prompt file -> scored samples in shards, "
                                       "summary and gallery (uses model, lora, rollout, ray, rewards, seed, "
                                       "output_dir).")

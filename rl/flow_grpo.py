@@ -7,11 +7,17 @@ transition k of each sample, the clipped-ratio loss
     rho = exp(log p_theta(x_{k+1} | x_k) - log p_old(x_{k+1} | x_k))
     L   = max(-A * rho, -A * clip(rho, 1 - eps, 1 + eps_high)) + beta * KL_k,  A clipped to +-adv_clip_max
     KL_k = ||mean_theta - mean_ref||^2 / (2 std_k^2)   (closed form: both transitions are Gaussians
-                                                        with the same std; mean over dimensions)
+                                                        with the same std; mean over dimensions;
+                                                        flow.kl_form flow_grpo: times (-dt), the official form)
 
 all in float32. The "old" log-probs are the ones recorded while sampling, so the ratio on the first
 inner step of an on-policy update is 1 up to float error: that is checked and logged
 (`ratio/first_step_max_abs_dev`), as is the sampler-vs-learner log-prob difference.
+
+Variants (README "Flow-GRPO variants"): an SDE window (flow.sde_window_*: only those steps are
+stochastic and trained, ODE elsewhere; Flow-GRPO-Fast, MixGRPO), CPS steps (flow.sde_type), CFG-free
+training (flow.cfg_scale 1) or a detached unconditional branch (flow.detach_uncond), and an EMA of the
+adapter (flow.ema_*) for evaluation and optionally sampling.
 
 Options: `flow` (model, sampling: num_steps, cfg_scale, noise_level, trained transitions, adv clip),
 `grpo` (learning_rate, beta, epsilon, epsilon_high, num_iterations, batch sizes, max_steps,
@@ -20,16 +26,19 @@ init_adapter), `image_task`, `rewards`, `logging`.
 """
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 
 from ..policies.batches import ScoredBatch
-from ..policies.flow import gaussian_mean_kl
+from ..policies.flow_sde import gaussian_mean_kl
 from .config import FlowConfig
+from .ema import AdapterEMA, flow_grpo_decay
 from .grpo import GRPOTrainer
 from .registry import register_algorithm
 from .tasks import ImageTask
-from .trainer import index_chunks
+from .trainer import accumulation_groups
 
 
 def flow_grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, epsilon: float,
@@ -59,6 +68,30 @@ def trained_transitions(flow: FlowConfig, seed: int, step: int) -> list[int]:
     return sorted(torch.randperm(K, generator=g)[:k].tolist())
 
 
+def transition_indices(flow: FlowConfig, batch, seed: int, step: int) -> list[torch.Tensor]:
+    """The trained transitions of each row, one (B,) index tensor per trained position: with an SDE window
+    the window's steps (they may start at a different step per row), else `trained_transitions`."""
+    B = len(batch)
+    if flow.sde_window_size:
+        starts = batch.stochastic_steps().float().argmax(dim=1)  # first stochastic step of each row
+        return [starts + w for w in range(flow.sde_window_size)]
+    return [torch.full((B,), j, dtype=torch.long) for j in trained_transitions(flow, seed, step)]
+
+
+def transition_kl(flow: FlowConfig, batch, idx: torch.Tensor, mean, mean_ref, std) -> torch.Tensor:
+    """The KL term of transition `idx` per row, in the form flow.kl_form names (0 on deterministic steps).
+
+    exact: ||mu - mu_ref||^2 / (2 std^2) with the transition's std sigma_t*sqrt(-dt); flow_grpo: the same with
+    sigma_t alone, i.e. exact * (-dt). For CPS both use its noise std (flow_grpo's std_dev_t there).
+    """
+    safe = torch.where(std > 0, std, torch.ones_like(std))
+    kl = torch.where(std > 0, gaussian_mean_kl(mean, mean_ref, safe), torch.zeros_like(std))
+    if flow.kl_form == "flow_grpo" and batch.sde_type == "sde":
+        rows = torch.arange(len(batch))
+        kl = kl * (batch.sigmas[rows, idx] - batch.sigmas[rows, idx + 1]).to(kl.device)
+    return kl
+
+
 @register_algorithm("flow_grpo")
 class FlowGRPOTrainer(GRPOTrainer):
     """GRPO's step (rl/grpo.py) on a flow-matching policy: one image task, the update per transition."""
@@ -66,45 +99,71 @@ class FlowGRPOTrainer(GRPOTrainer):
     policy_section = "flow"
     default_sections = {"flow": FlowConfig}
 
+    def setup(self, worker_pool=None):
+        f = self.cfg.flow
+        self.ema = AdapterEMA(self.policy, flow_grpo_decay(f.ema_decay), f.ema_update_every) if f.ema_decay else None
+        super().setup(worker_pool)
+
     def build_tasks(self) -> list:
         if self.cfg.image_task is None:
-            raise ValueError("algorithm: flow_grpo needs an `image_task` (prompts to generate)")
+            raise ValueError(f"algorithm: {self.cfg.algorithm} needs an `image_task` (prompts to generate)")
         if self.cfg.rollout.num_generations < 2:
             raise ValueError("rollout.num_generations must be >= 2: GRPO compares samples of one prompt")
         return [ImageTask.from_config(self.cfg.image_task, self.cfg.seed)]
 
+    # ------------------------------------------------------------------ EMA of the adapter
+    def sampling_weights(self):
+        if self.ema is not None and self.cfg.flow.ema_for == "eval_and_sampling":
+            return self.ema.swapped()
+        return contextlib.nullcontext()
+
+    def new_version(self):
+        with self.sampling_weights():  # Ray workers get the weights they sample with
+            super().new_version()
+
+    def evaluate(self) -> dict:
+        with self.ema.swapped() if self.ema is not None else contextlib.nullcontext():
+            return super().evaluate()
+
+    def optimizer_step(self) -> float:
+        norm = super().optimizer_step()
+        if self.ema is not None:
+            self.ema.step()
+        return norm
+
+    def extra_state(self) -> dict:
+        return {"ema": self.ema.state_dict()} if self.ema is not None else {}
+
+    def load_extra_state(self, state: dict):
+        if self.ema is not None and "ema" in state:
+            self.ema.load_state_dict(state["ema"])
+
+    # ------------------------------------------------------------------ the update
     def update(self, scored: list[ScoredBatch]) -> dict:
         """num_iterations passes over the valid samples; each optimizer step accumulates the gradients
         of `gradient_accumulation_steps` micro-batches over every trained transition (Flow-GRPO)."""
         (sb,), step = scored, self.step + 1
         g, f, policy = self.opt, self.cfg.flow, self.policy
         batch = sb.batch
-        transitions = trained_transitions(f, self.cfg.seed, step)
         rows = sb.valid.nonzero().flatten().tolist()
         stats = {"loss": [], "kl": [], "clip_fraction": [], "grad_norm": [], "approx_kl": [],
                  "ratio_dev_first": None, "sampler_diff": []}
         if not rows:
             return {"loss": 0.0, "update/skipped": 1}
+        n_trained = 0
         for it in range(g.num_iterations):
-            micro = [[rows[i] for i in chunk] for chunk in index_chunks(len(rows), g.per_device_train_batch_size)]
-            for start in range(0, len(micro), g.gradient_accumulation_steps):
-                group = micro[start:start + g.gradient_accumulation_steps]
+            groups = accumulation_groups(rows, g.per_device_train_batch_size, g.gradient_accumulation_steps)
+            for start, group in enumerate(groups):
                 n_rows = sum(len(m) for m in group)
                 self.optimizer.zero_grad(set_to_none=True)
                 step_loss = 0.0
                 for idx in group:
                     b = batch.select(idx)
                     adv = sb.advantages[idx].to(policy.device)
+                    transitions = transition_indices(f, b, self.cfg.seed, step)
+                    n_trained = len(transitions)
                     for j in transitions:
-                        mean_ref = None
-                        if g.beta != 0.0:
-                            with torch.no_grad(), policy.reference():
-                                _, mean_ref, _ = policy.transition_logprobs(b, j)
-                        logp, mean, std = policy.transition_logprobs(b, j)
-                        old = b.logprobs[:, j].to(logp.device)
-                        kl = gaussian_mean_kl(mean, mean_ref, std) if mean_ref is not None else None
-                        per, ratio, clipped = flow_grpo_loss(logp, old, adv, g.epsilon, g.epsilon_high,
-                                                             f.adv_clip_max, kl, g.beta)
+                        per, ratio, clipped, kl, logp, old = self.transition_loss(b, j, adv)
                         loss = per.sum() / (n_rows * len(transitions))
                         loss.backward()
                         step_loss += loss.item()
@@ -123,4 +182,18 @@ class FlowGRPOTrainer(GRPOTrainer):
                 "approx_kl": mean(stats["approx_kl"]), "grad_norm": mean(stats["grad_norm"]),
                 "ratio/first_step_max_abs_dev": stats["ratio_dev_first"] or 0.0,
                 "logprob/sampler_vs_learner_max_abs_diff": max(stats["sampler_diff"] or [0.0]),
-                "flow/trained_transitions": len(transitions)}
+                "flow/trained_transitions": n_trained}
+
+    def transition_loss(self, b, j: torch.Tensor, adv: torch.Tensor):
+        """Flow-GRPO's per-sample loss of transition j (B,) of micro-batch b, with its parts:
+        (loss, ratio, was_clipped, kl or None, logp, old logp)."""
+        g, f, policy = self.opt, self.cfg.flow, self.policy
+        mean_ref = None
+        if g.beta != 0.0:
+            with torch.no_grad(), policy.reference():
+                _, mean_ref, _ = policy.transition_logprobs(b, j, detach_uncond=f.detach_uncond)
+        logp, mean, std = policy.transition_logprobs(b, j, detach_uncond=f.detach_uncond)
+        old = b.logprobs[torch.arange(len(b)), j].to(logp.device)
+        kl = transition_kl(f, b, j, mean, mean_ref, std) if mean_ref is not None else None
+        per, ratio, clipped = flow_grpo_loss(logp, old, adv, g.epsilon, g.epsilon_high, f.adv_clip_max, kl, g.beta)
+        return per, ratio, clipped, kl, logp, old

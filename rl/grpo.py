@@ -17,6 +17,7 @@ policy loss by the truncated ratio learner/sampler (TRL's correction for vLLM ro
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import time
@@ -61,7 +62,8 @@ class GRPOTrainer(Trainer):
         requests = self.requests(step)
         upcoming = self.requests(step + 1) if step < self.max_steps else None  # for one-step-off sampling
         chunks = scoring_chunks(rc.scoring_chunks, self.rewards, requests, rc.batch_size, rc.num_workers)
-        scored, times = sample_and_score(self.workers, self.rewards, self.policy, requests, step, chunks, upcoming)
+        with self.sampling_weights():
+            scored, times = sample_and_score(self.workers, self.rewards, self.policy, requests, step, chunks, upcoming)
         for sb in scored:
             self.set_advantages(sb)
         t0 = time.perf_counter()
@@ -74,6 +76,10 @@ class GRPOTrainer(Trainer):
         self.check_invalid(metrics, scored)
         self.watch_learning_signal(metrics)
         return StepResult(metrics, scored)
+
+    def sampling_weights(self):
+        """The weights rollouts are sampled with: the trained adapter (an algorithm may swap in another)."""
+        return contextlib.nullcontext()
 
     def watch_learning_signal(self, metrics: dict):
         """Warn when most groups have had identical rewards for grpo.flat_group_patience steps: their
@@ -89,7 +95,8 @@ class GRPOTrainer(Trainer):
     def set_advantages(self, sb: ScoredBatch):
         g = self.opt
         estimator = lookup(ADVANTAGE_ESTIMATORS, g.advantage_estimator, "advantage_estimator")
-        sb.advantages, sb.metrics = estimator(sb.rewards, sb.batch.group_ids, sb.valid, g.scale_rewards, g.std_floor)
+        sb.advantages, sb.metrics = estimator(sb.rewards, sb.batch.group_ids, sb.valid, g.scale_rewards, g.std_floor,
+                                               ddof=g.std_ddof)
 
     def update(self, scored: list[ScoredBatch]) -> dict:
         """num_iterations passes over the batch, micro-batched, one optimizer step per accumulation group."""

@@ -42,34 +42,36 @@ def lookup(table: Registry, name: str, what: str) -> Callable:
 # ----------------------------------------------------------------------------- advantages
 @register_advantage_estimator("grpo")
 def grpo_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, valid: torch.Tensor | None = None,
-                    scale_rewards: str = "group", std_floor: float = 1e-4, eps: float = 1e-4):
+                    scale_rewards: str = "group", std_floor: float = 1e-4, eps: float = 1e-4, ddof: int = 1):
     """A_i = (r_i - mean_group) / (std + eps), per group of samples sharing a prompt.
 
     - invalid samples (valid=False) get A = 0 and do not enter their group's mean/std;
     - a group with fewer than 2 valid samples, or whose reward std is below `std_floor`, carries no
       signal and gets A = 0 (never NaN, and no huge "illusory" advantages from a tiny std);
     - scale_rewards: "group" divides by the group std, "batch" by the std of all valid rewards,
-      "none" only centres (Dr. GRPO).
+      "none" only centres (Dr. GRPO);
+    - ddof: 1 = the sample std (torch.std, TRL), 0 = the population std (np.std: flow_grpo's
+      PerPromptStatTracker, which with scale_rewards "batch" is its global_std).
     Returns (advantages (B,), stats dict).
     """
-    return _group_advantages(rewards, group_ids, valid, scale_rewards, std_floor, eps, leave_one_out=False)
+    return _group_advantages(rewards, group_ids, valid, scale_rewards, std_floor, eps, leave_one_out=False, ddof=ddof)
 
 
 @register_advantage_estimator("rloo")
 def rloo_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, valid: torch.Tensor | None = None,
-                    scale_rewards: str = "none", std_floor: float = 1e-4, eps: float = 1e-4):
+                    scale_rewards: str = "none", std_floor: float = 1e-4, eps: float = 1e-4, ddof: int = 1):
     """REINFORCE leave-one-out (TRL's RLOO): A_i = r_i - mean of the other valid samples of its group
     = k/(k-1) * (r_i - mean_group); scaled as `scale_rewards` says (TRL's RLOO does not scale: none)."""
-    return _group_advantages(rewards, group_ids, valid, scale_rewards, std_floor, eps, leave_one_out=True)
+    return _group_advantages(rewards, group_ids, valid, scale_rewards, std_floor, eps, leave_one_out=True, ddof=ddof)
 
 
-def _group_advantages(rewards, group_ids, valid, scale_rewards, std_floor, eps, leave_one_out: bool):
+def _group_advantages(rewards, group_ids, valid, scale_rewards, std_floor, eps, leave_one_out: bool, ddof: int = 1):
     if scale_rewards not in ("group", "batch", "none"):
         raise ValueError(f"scale_rewards must be group, batch or none, got {scale_rewards!r}")
     r = rewards.float()
     valid = torch.isfinite(r) if valid is None else (valid & torch.isfinite(r))
     adv = torch.zeros_like(r)
-    batch_std = r[valid].std() if valid.sum() > 1 else torch.tensor(0.0)
+    batch_std = r[valid].std(correction=ddof) if valid.sum() > 1 else torch.tensor(0.0)
     flat = 0
     groups = group_ids.unique()
     for g in groups:
@@ -78,7 +80,7 @@ def _group_advantages(rewards, group_ids, valid, scale_rewards, std_floor, eps, 
             flat += 1
             continue
         rg = r[members]
-        std = rg.std()
+        std = rg.std(correction=ddof)
         if std < std_floor:
             flat += 1
             continue

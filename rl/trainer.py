@@ -153,14 +153,22 @@ class Trainer:
         if self.workers is not None:
             self.workers.sync(self.policy, self.policy.version)
 
+    def extra_state(self) -> dict:
+        """What an algorithm adds to its checkpoints' state.pt (e.g. an EMA of the adapter)."""
+        return {}
+
+    def load_extra_state(self, state: dict):
+        """Restore what `extra_state` saved."""
+
     def save(self):
-        return save_trainer(self, invalid_streak=self.invalid_streak)
+        return save_trainer(self, invalid_streak=self.invalid_streak, **self.extra_state())
 
     def resume(self) -> bool:
         state = resume_trainer(self)
         if state is None:
             return False
         self.invalid_streak = state.get("invalid_streak", 0)
+        self.load_extra_state(state)
         if self.workers is not None:
             self.workers.sync(self.policy, self.policy.version)
         return True
@@ -223,7 +231,8 @@ def sampling_settings(cfg, section: str = "model") -> Sampling:
         f = cfg.flow
         return Sampling(image={"num_steps": f.num_steps, "cfg_scale": f.cfg_scale, "noise_level": f.noise_level,
                                "height": f.resolution or None, "width": f.resolution or None,
-                               "batch_size": f.sample_batch_size})
+                               "batch_size": f.sample_batch_size, "sde_type": f.sde_type,
+                               "sde_window": f.sde_window()})
     r = cfg.rollout
     return Sampling(image={"cfg_scale": r.cfg_scale, "temperature": r.temperature, "top_k": r.top_k,
                            "sampler": r.sampler},
@@ -280,6 +289,12 @@ def health_metrics(scored: list[ScoredBatch]) -> dict:
             m[f"entropy/{name}"] = float((ent * mask).sum() / mask.sum().clamp(min=1))
     m["health/flat_group_fraction"] = flat / max(groups, 1)
     return m
+
+
+def accumulation_groups(rows: list[int], micro_size: int, accumulation: int) -> list[list[list[int]]]:
+    """`rows` in micro-batches of micro_size, `accumulation` micro-batches per optimizer step."""
+    micro = [[rows[i] for i in chunk] for chunk in index_chunks(len(rows), micro_size)]
+    return [micro[i:i + accumulation] for i in range(0, len(micro), max(1, accumulation))]
 
 
 def index_chunks(n: int, size: int) -> list[list[int]]:

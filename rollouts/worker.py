@@ -131,6 +131,9 @@ class RolloutWorker:
                     extra = {}
                     if self.sampling.reasoning is not None:
                         sample, extra = self.reasoned_sampler(), self.sampling.reasoning
+                    # a sliding SDE window moves with the training step (policies/flow_sde.py)
+                    if getattr(self.policy, "sample_takes_step", False):
+                        extra = {**extra, "step": request.step}
                     parts.append(sample(prompts[sl], seeds[sl], group_ids=groups[sl], targets=targets[sl],
                                         **self.sampling.image, **extra))
                 else:

@@ -187,15 +187,16 @@ def test_staleness_and_resource_errors_are_clear(ray_local, tiny_janus_dir, tmp_
         RayWorkerPool(policy_spec(cfg), sampling_settings(cfg), cfg.rollout, cfg.seed, cfg.ray)
 
 
-def flow_run(tiny_sd3_dir, out, num_workers: int, one_step_off: bool = False, steps: int = 2) -> list[dict]:
-    """`steps` steps of flow_grpo (same seed, same config) sampled in-process or by `num_workers` Ray actors."""
+def flow_run(tiny_sd3_dir, out, num_workers: int, one_step_off: bool = False, steps: int = 2,
+             algorithm: str = "flow_grpo", flow: str = "") -> list[dict]:
+    """`steps` steps of `algorithm` (same seed, same config) sampled in-process or by `num_workers` Ray actors."""
     from uniloop.rl.algorithms import get_algorithm
 
     cfg = load_config(text=f"""
 output_dir: {out}
-algorithm: flow_grpo
+algorithm: {algorithm}
 seed: 0
-flow: {{name_or_path: {tiny_sd3_dir}, max_sequence_length: 8, num_steps: 4, cfg_scale: 2.0, noise_level: 0.7}}
+flow: {{name_or_path: {tiny_sd3_dir}, max_sequence_length: 8, num_steps: 4, cfg_scale: 2.0, noise_level: 0.7{flow}}}
 lora: {{r: 4, alpha: 8}}
 rollout: {{num_generations: 4, num_workers: {num_workers}, num_cpus_per_worker: 0.5, one_step_off: {str(one_step_off).lower()},
            max_staleness: {int(one_step_off)}}}
@@ -204,7 +205,7 @@ image_task: {{prompts: [a red image, a blue image, a green image], prompts_per_s
 rewards: [{{name: color}}]
 logging: {{progress_bar: false, tensorboard: false, image_grid_every: 0, save_every: 0, log_every: 1}}
 """)
-    get_algorithm("flow_grpo")(cfg, resume=False)
+    get_algorithm(algorithm)(cfg, resume=False)
     return metrics_rows(Path(out))
 
 
@@ -226,6 +227,23 @@ def test_flow_grpo_with_two_ray_workers_gives_in_process_rewards(ray_local, tiny
         assert y["ratio/first_step_max_abs_dev"] < 1e-4
     # step 2 was sampled with the synced (trained) adapter, so it tests the sync, not just the base model
     assert ra[1]["adapter/version"] == rb[1]["adapter/version"] == 2
+
+
+def test_diffusion_nft_on_two_ray_workers_gives_in_process_rewards(ray_local, tiny_sd3_dir, tmp_path):
+    """The actors sample with the old (EMA) adapter they are sent after each update. (One ~50 s test: the
+    SDE-window variants go through the same request.step -> sample_images path, tested in-process.)"""
+    algorithm, flow = "diffusion_nft", ""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ra = flow_run(tiny_sd3_dir, tmp_path / "inproc", 0, algorithm=algorithm, flow=flow)
+        rb = flow_run(tiny_sd3_dir, tmp_path / "ray2", 2, algorithm=algorithm, flow=flow)
+    finally:
+        torch.set_num_threads(threads)
+    assert [r["step"] for r in ra] == [r["step"] for r in rb] == [1, 2]
+    for x, y in zip(ra, rb):
+        assert x["reward/color/mean"] == pytest.approx(y["reward/color/mean"], abs=1e-5), x["step"]
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-3, abs=1e-6) and y["rollout/workers"] == 2
 
 
 def test_flow_grpo_one_step_off_trains_on_the_prefetched_step(ray_local, tiny_sd3_dir, tmp_path):
