@@ -216,7 +216,17 @@ class LoggingConfig:
     """Metrics, sample grids, checkpoints, progress."""
 
     progress_bar: bool = uf(True, "Show progress: a bar on a terminal, a line every ~5% of the steps in a log file.")
-    tensorboard: bool = uf(True, "Write TensorBoard events.")
+    tensorboard: bool = uf(True, "Write TensorBoard events (false drops `tensorboard` from report_to; kept for "
+                           "older recipes).")
+    report_to: list[str] | str = uf(help="Trackers that get the metrics and sample grids, as TRL's `report_to`: "
+                                    "any of tensorboard, wandb, trackio, mlflow (or `all`, `none`); each is imported "
+                                    "only when named (`pip install uniloop[tracking]`). Offline by default: "
+                                    "WANDB_MODE=offline, trackio's local SQLite, MLflow's sqlite:///<output_dir>/"
+                                    "mlflow.db (README 'Trackers'). metrics.jsonl is always written.",
+                                    factory=lambda: ["tensorboard"])
+    project: str = uf("uniloop", "Project / experiment name in the trackers (WANDB_PROJECT and "
+                      "MLFLOW_EXPERIMENT_NAME override it, as in TRL).")
+    run_name: str = uf("", "Run name in the trackers (empty = the output_dir's name).")
     log_every: int = uf(1, "Write metrics every N steps.", ge=1)
     image_grid_every: int = uf(10, "Save a PNG grid of sampled images every N steps (0 = never).", ge=0)
     save_every: int = uf(25, "Checkpoint every N steps (0 = only at the end).", ge=0)
