@@ -1,4 +1,4 @@
-"""`uniloop` command line: train, rollout, pairs, serve-judge, config-help."""
+"""`uniloop` command line: train, rollout, pairs, serve-judge, export, eval, config-help."""
 from __future__ import annotations
 
 import argparse
@@ -13,6 +13,8 @@ COMMANDS = {
     "rollout": "uniloop.rl.jobs:main",
     "pairs": "uniloop.rl.pairs:main",
     "serve-judge": "uniloop.rewards.server:main",
+    "export": "uniloop.rl.export:main",
+    "eval": "uniloop.rl.eval_cmd:main",
 }
 
 DEFAULT_CONFIG = "configs/quickstart.yaml"
@@ -130,6 +132,8 @@ def main(argv=None) -> int:
               "  rollout      sample + score a prompt file into shards and a gallery (resumable)\n"
               "  pairs        build a preference dataset by sample-rank-select\n"
               "  serve-judge  serve a transformers VLM as an OpenAI-compatible judge endpoint\n"
+              "  export       a run or checkpoint -> merged weights + processor (or the adapter), optional hub push\n"
+              "  eval         a checkpoint on a prompt set: fixed seeds, every reward, table, gallery, summary\n"
               "  config-help  list every config key with its type, default and help")
         return 0
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -24,8 +24,9 @@ from .rundir import RunDirError, RunLock, check_writable
 from .trainer import policy_spec, sampling_settings
 
 
-def resolve_adapter(path: str | None) -> str | None:
-    """A PEFT adapter dir, a checkpoint dir (with adapter/), or a run dir (its latest checkpoint)."""
+def resolve_adapter(path: str | None, key: str = "job.adapter") -> str | None:
+    """A PEFT adapter dir, a checkpoint dir (with adapter/), or a run dir (its latest checkpoint);
+    `key` names the option in the error."""
     if not path:
         return None
     p = Path(path)
@@ -36,7 +37,7 @@ def resolve_adapter(path: str | None) -> str | None:
     ckpt = latest_checkpoint(p) if p.is_dir() else None
     if ckpt is not None and (ckpt / "adapter" / "adapter_config.json").exists():
         return str((ckpt / "adapter").absolute())
-    raise FileNotFoundError(f"job.adapter: no PEFT adapter at {path} (expected adapter_config.json, a checkpoint "
+    raise FileNotFoundError(f"{key}: no PEFT adapter at {path} (expected adapter_config.json, a checkpoint "
                             f"with adapter/, or a run directory with checkpoints/)")
 
 
