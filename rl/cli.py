@@ -93,19 +93,19 @@ def print_summary(summary: dict):
     print_prompt_table(summary.get("per_prompt"))
 
 
-def print_prompt_table(table: dict | None, max_rows: int = 24):
+def print_prompt_table(table: dict | None, max_rows: int = 24, title: str | None = None):
     """Per prompt, each reward at the first -> the last evaluation (the worst final ones when there are many)."""
     if not table or not table.get("prompts"):
         return
     rows = table["prompts"]
     metrics = sorted({m for r in rows.values() for m in r}, key=lambda m: (m != "total", m))
     fmt = lambda x: "  -  " if x is None else f"{x:.2f}"  # noqa: E731
-    print(f"per prompt, evaluation at step {table['initial_step']} -> step {table['final_step']}:")
+    print(title or f"per prompt, evaluation at step {table['initial_step']} -> step {table['final_step']}:")
     print("  " + f"{'prompt':34s}" + "".join(f"{m[:16]:>18s}" for m in metrics))
     keys = list(rows)
     if len(keys) > max_rows:
         keys = sorted(keys, key=lambda k: rows[k].get("total", {}).get("final") or 0.0)[:max_rows]
-        print(f"  ({len(rows) - max_rows} more in summary.json; the {max_rows} lowest final totals:)")
+        print(f"  ({len(rows) - max_rows} more in the summary; the {max_rows} lowest final totals:)")
     for k in keys:
         cells = "".join(f"{fmt(rows[k].get(m, {}).get('initial')) + ' -> ' + fmt(rows[k].get(m, {}).get('final')):>18s}"
                         for m in metrics)

@@ -419,6 +419,24 @@ class RolloutJobConfig:
 
 
 @dataclass
+class EvalConfig:
+    """`uniloop eval`: a checkpoint on a prompt set, fixed seeds and settings, every configured reward."""
+
+    prompts: str = uf("", "Prompt set: a text file (one image prompt per line), a JSONL file (`prompt` and optional "
+                      "`target`, or `image` + `question` for answers; GenEval metadata for the detector reward) or a "
+                      "`datasets` directory: the formats of `job.prompts`.")
+    checkpoint: str | None = uf(None, "The adapter evaluated: a PEFT adapter directory, a checkpoint or a run "
+                                "directory (its latest checkpoint); null = the base model (`--checkpoint`).")
+    samples_per_prompt: int = uf(4, "Samples per prompt (GenEval: 4), seeded from (seed, prompt, sample) the same "
+                                 "way at every evaluation, so two checkpoints see the same noise.", ge=1)
+    num_steps: int = uf(0, "Flow generators: denoising steps (0 = flow.num_steps; Flow-GRPO evaluates with 40).", ge=0)
+    cfg_scale: float | None = uf(None, "Guidance scale (null = the recipe's rollout.cfg_scale / flow.cfg_scale).",
+                                 ge=0)
+    limit: int | None = uf(None, "Only the first N prompts (null = all).", ge=1)
+    output_dir: str = uf("", "Where the table, gallery and summary go (default <output_dir>/eval).")
+
+
+@dataclass
 class Config:
     """A whole run: every section of a recipe."""
 
@@ -442,6 +460,7 @@ class Config:
     dpo: DPOConfig | None = uf(None, "DPO / online DPO options (names follow TRL's DPOConfig).")
     preference_data: PreferenceDataConfig | None = uf(None, "Preference pairs for offline DPO (algorithm: dpo).")
     flow: FlowConfig | None = uf(None, "The flow-matching generator (algorithm: flow_grpo or diffusion_dpo).")
+    eval: EvalConfig = uf(help="`uniloop eval`: a checkpoint on a prompt set.", factory=EvalConfig)
     job: RolloutJobConfig | None = uf(None, "`uniloop rollout` job: prompt file -> scored samples in shards, "
                                       "summary and gallery (uses model, lora, rollout, ray, rewards, seed, "
                                       "output_dir).")

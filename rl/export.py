@@ -15,7 +15,6 @@ adapter (PEFT format; the flow adapter also in diffusers' `pytorch_lora_weights.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import shutil
 import sys
@@ -38,9 +37,7 @@ def find_run_dir(path: Path) -> Path:
 def run_policy(path: str | Path, config: str | Path | None = None):
     """(policy with the checkpoint's adapter, run config, adapter dir) for a run or checkpoint path."""
     from ..policies.registry import build_policy
-    from .algorithms import algorithms
-    from .jobs import resolve_adapter
-    from .trainer import policy_spec
+    from .jobs import adapter_spec, policy_section, resolve_adapter
 
     path = Path(path)
     if not path.exists():
@@ -50,11 +47,7 @@ def run_policy(path: str | Path, config: str | Path | None = None):
     if run_dir is not None:
         cfg.output_dir = str(run_dir)  # the run may have moved: its tiny model lives next to it
     adapter = resolve_adapter(str(path), key="export")
-    trainer = algorithms().get(cfg.algorithm)
-    section = getattr(trainer, "policy_section", "model")
-    spec = policy_spec(cfg, section)
-    spec = dataclasses.replace(spec, lora=dataclasses.replace(spec.lora, init_adapter=adapter))
-    return build_policy(spec), cfg, Path(adapter)
+    return build_policy(adapter_spec(cfg, adapter, policy_section(cfg))), cfg, Path(adapter)
 
 
 def export(path, out, adapter_only: bool = False, config=None, overwrite: bool = False) -> Path:

@@ -190,11 +190,17 @@ def per_prompt_summary(eval_dir: Path) -> dict:
     if not tables:
         return {}
     first, last = (json.loads(p.read_text()) for p in (tables[0], tables[-1]))
+    return {"per_prompt": prompt_changes(first, last)}
+
+
+def prompt_changes(first: dict, last: dict) -> dict:
+    """Two prompt tables ({"step", "prompts": rl.evaluate.prompt_table rows}) joined by prompt: every
+    reward's `initial` (first) and `final` (last) value; also `uniloop eval --compare A B`."""
     before = {r["key"]: r for r in first["prompts"]}
     prompts = {r["key"]: {k: {"initial": before.get(r["key"], {}).get(k), "final": v}
                           for k, v in r.items() if k not in PROMPT_TABLE_FIELDS}
                for r in last["prompts"]}
-    return {"per_prompt": {"initial_step": first["step"], "final_step": last["step"], "prompts": prompts}}
+    return {"initial_step": first["step"], "final_step": last["step"], "prompts": prompts}
 
 
 # ----------------------------------------------------------------------------- what users look at
