@@ -33,18 +33,26 @@ from .validate import validate
 USAGE_ERRORS = (ConfigError, FileNotFoundError, ValueError)
 
 
-def eval_requests_from_file(cfg, image_size: int):
-    """The prompt set as fixed-seed requests: one for the image prompts, one for the questions."""
-    from ..rewards.builtin import named_color
-    from ..rollouts.job import _load_question_image, load_items
-    from ..rollouts.worker import RolloutRequest
+def load_eval_items(cfg) -> list:
+    """The prompt set (the formats of `job.prompts`); errors name eval.prompts and the file."""
+    from ..rollouts.job import load_items
 
     e = cfg.eval
+    if not e.prompts:
+        raise ConfigError("key 'eval.prompts' is empty: --set eval.prompts=FILE (text, JSONL or a datasets directory)")
     try:
-        items = load_items(RolloutJobConfig(prompts=e.prompts, limit=e.limit))
+        return load_items(RolloutJobConfig(prompts=e.prompts, limit=e.limit))
     except (FileNotFoundError, ValueError) as err:
-        raise type(err)(str(err).replace("job.prompts", "eval.prompts", 1)) from None
-    n, reqs = e.samples_per_prompt, []
+        raise type(err)(str(err).replace("job.prompts", "key 'eval.prompts'", 1)) from None
+
+
+def eval_requests(items, n: int, image_size: int):
+    """The prompt set as fixed-seed requests: one for the image prompts, one for the questions."""
+    from ..rewards.builtin import named_color
+    from ..rollouts.job import _load_question_image
+    from ..rollouts.worker import RolloutRequest
+
+    reqs = []
     images = [it for it in items if it.kind == "image"]
     if images:  # the color reward reads its color from the target, as in training evaluations
         reqs.append(RolloutRequest("image", [it.prompt for it in images], n, EVAL_SEED_STEP,
@@ -66,8 +74,7 @@ def run_eval(cfg) -> dict:
     from .trainer import sampling_settings, seed_everything
 
     e = cfg.eval
-    if not e.prompts:
-        raise ConfigError("key 'eval.prompts' is empty: --set eval.prompts=FILE (text, JSONL or a datasets directory)")
+    items = load_eval_items(cfg)  # a bad prompt file stops here, before any model loads
     if not cfg.rewards:
         raise ConfigError("key 'rewards' is empty: an evaluation scores with the recipe's rewards")
     out = Path(e.output_dir or Path(cfg.output_dir) / "eval")
@@ -81,7 +88,7 @@ def run_eval(cfg) -> dict:
     seed_everything(cfg.seed)
     policy = build_policy(adapter_spec(cfg, adapter, section))
     policy.model.eval()
-    requests = eval_requests_from_file(cfg, getattr(policy, "image_size", 0))  # before the rewards load
+    requests = eval_requests(items, e.samples_per_prompt, getattr(policy, "image_size", 0))
     rewards = build_mixture(cfg.rewards, cfg.reward_combine)
     out.mkdir(parents=True, exist_ok=True)
     scored: list = []
@@ -239,6 +246,7 @@ def main(argv=None) -> int:
             raise ConfigError("give a recipe (uniloop eval CONFIG --set eval.prompts=FILE) or --compare A B")
         overrides = args.overrides + ([f"eval.checkpoint={args.checkpoint}"] if args.checkpoint else [])
         cfg = load_config(args.config, overrides)
+        load_eval_items(cfg)  # a bad prompt set is named first: validation may build a tiny model
         validate(cfg)  # every bad key is one line before any model loads
         summary = run_eval(cfg)
     except USAGE_ERRORS as e:
