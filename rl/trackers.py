@@ -140,8 +140,13 @@ class MlflowTracker:
     def __init__(self, run_dir: Path, project: str, run_name: str, config: dict):
         import mlflow
         self.mlflow = mlflow
-        mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{run_dir.absolute()}/mlflow.db")
-        mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", project))
+        uri = os.environ.get("MLFLOW_TRACKING_URI")
+        mlflow.set_tracking_uri(uri or f"sqlite:///{run_dir.absolute()}/mlflow.db")
+        name = os.environ.get("MLFLOW_EXPERIMENT_NAME", project)
+        if not uri and mlflow.get_experiment_by_name(name) is None:
+            # a SQLite store keeps artifacts (the grids) in ./mlruns of the working directory: keep them in the run
+            mlflow.create_experiment(name, artifact_location=(run_dir / "mlruns").absolute().as_uri())
+        mlflow.set_experiment(name)
         self.run = mlflow.start_run(run_name=run_name)
         flat = {k: v for k, v in _flatten(config).items() if v is not None}
         if flat:  # MLflow caps a param value at 6000 characters

@@ -112,6 +112,7 @@ def test_trackio_local_sqlite_has_the_metrics_and_grids(tmp_path, tiny_janus_dir
                     reason="mlflow is not installed (uniloop[tracking]; mlflow-skinny 3.17 needs importlib_metadata<10)")
 def test_mlflow_sqlite_store_has_the_metrics_and_grids(tmp_path, tiny_janus_dir, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)  # nothing may land in the working directory
     out, rows = short_run(tmp_path, tiny_janus_dir, "mlflow")
     import mlflow
 
@@ -123,6 +124,8 @@ def test_mlflow_sqlite_store_has_the_metrics_and_grids(tmp_path, tiny_janus_dir,
         assert hist == {r["step"]: pytest.approx(r[key], rel=1e-12) for r in rows if r.get(key) is not None}
     images = [f.path for f in client.list_artifacts(run.info.run_id, "images")]
     assert len([p for p in images if p.endswith(".png")]) >= 2
+    assert list((out / "mlruns").rglob("*.png")), "the grids stay inside the run directory"
+    assert not (tmp_path / "mlruns").exists()
 
 
 def test_report_to_errors_exit_2_before_any_model_loads(tmp_path, capsys):
