@@ -179,6 +179,20 @@ class FlowPolicy:
                                                    weight_name=DIFFUSERS_WEIGHTS)
 
 
+    def save_merged(self, path: str | Path) -> Path:
+        """Write the pipeline with the adapter merged into the transformer's weights (`save_pretrained`):
+        a directory plain diffusers loads (`StableDiffusion3Pipeline.from_pretrained`), no LoRA layers
+        left. The merge is in place: the policy has no adapter after."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        if self.has_adapter:
+            for module in self.transformer.modules():
+                if isinstance(module, BaseTunerLayer):
+                    module.merge()
+            self.transformer.unload_lora()  # each LoRA layer -> its (now merged) base layer
+        self.pipe.save_pretrained(str(path))
+        return Path(path)
+
     def load_adapter(self, path: str | Path, trainable: bool = True):
         """Attach a saved adapter: a PEFT directory (adapter_config.json) or a diffusers LoRA file/dir."""
         path = Path(path)

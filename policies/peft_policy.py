@@ -111,6 +111,18 @@ class PeftPolicy:
     def save_adapter(self, path: str | Path):
         self.model.save_pretrained(str(path))
 
+    def save_merged(self, path: str | Path) -> Path:
+        """Write the model with the adapter merged into the base weights, and the processor, with
+        `save_pretrained`: a checkpoint plain transformers loads (`<Family>ForConditionalGeneration.
+        from_pretrained`), no PEFT and no uniloop. The merge is in place: the policy has no adapter after."""
+        if getattr(self.base, "is_loaded_in_4bit", False):
+            raise ValueError("cannot merge into a 4-bit base: load the model unquantized (model.quantization: null)")
+        if self.has_adapter:
+            self.model = self.model.merge_and_unload()
+        self.model.save_pretrained(str(path))
+        self.processor.save_pretrained(str(path))
+        return Path(path)
+
     def load_adapter_weights(self, path: str | Path, version: int | None = None):
         """Replace the current adapter's tensors with those saved in `path` (a checkpoint's adapter/)."""
         from safetensors.torch import load_file

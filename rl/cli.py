@@ -1,4 +1,4 @@
-"""`uniloop` command line: train, rollout, pairs, serve-judge, config-help."""
+"""`uniloop` command line: train, rollout, pairs, serve-judge, export, eval, config-help."""
 from __future__ import annotations
 
 import argparse
@@ -13,6 +13,8 @@ COMMANDS = {
     "rollout": "uniloop.rl.jobs:main",
     "pairs": "uniloop.rl.pairs:main",
     "serve-judge": "uniloop.rewards.server:main",
+    "export": "uniloop.rl.export:main",
+    "eval": "uniloop.rl.eval_cmd:main",
 }
 
 DEFAULT_CONFIG = "configs/quickstart.yaml"
@@ -91,19 +93,19 @@ def print_summary(summary: dict):
     print_prompt_table(summary.get("per_prompt"))
 
 
-def print_prompt_table(table: dict | None, max_rows: int = 24):
+def print_prompt_table(table: dict | None, max_rows: int = 24, title: str | None = None):
     """Per prompt, each reward at the first -> the last evaluation (the worst final ones when there are many)."""
     if not table or not table.get("prompts"):
         return
     rows = table["prompts"]
     metrics = sorted({m for r in rows.values() for m in r}, key=lambda m: (m != "total", m))
     fmt = lambda x: "  -  " if x is None else f"{x:.2f}"  # noqa: E731
-    print(f"per prompt, evaluation at step {table['initial_step']} -> step {table['final_step']}:")
+    print(title or f"per prompt, evaluation at step {table['initial_step']} -> step {table['final_step']}:")
     print("  " + f"{'prompt':34s}" + "".join(f"{m[:16]:>18s}" for m in metrics))
     keys = list(rows)
     if len(keys) > max_rows:
         keys = sorted(keys, key=lambda k: rows[k].get("total", {}).get("final") or 0.0)[:max_rows]
-        print(f"  ({len(rows) - max_rows} more in summary.json; the {max_rows} lowest final totals:)")
+        print(f"  ({len(rows) - max_rows} more in the summary; the {max_rows} lowest final totals:)")
     for k in keys:
         cells = "".join(f"{fmt(rows[k].get(m, {}).get('initial')) + ' -> ' + fmt(rows[k].get(m, {}).get('final')):>18s}"
                         for m in metrics)
@@ -138,6 +140,8 @@ def main(argv=None) -> int:
               "  rollout      sample + score a prompt file into shards and a gallery (resumable)\n"
               "  pairs        build a preference dataset by sample-rank-select\n"
               "  serve-judge  serve a transformers VLM as an OpenAI-compatible judge endpoint\n"
+              "  export       a run or checkpoint -> merged weights + processor (or the adapter), optional hub push\n"
+              "  eval         a checkpoint on a prompt set: fixed seeds, every reward, table, gallery, summary\n"
               "  config-help  list every config key with its type, default and help")
         return 0
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -254,7 +254,17 @@ class LoggingConfig:
     """Metrics, sample grids, checkpoints, progress."""
 
     progress_bar: bool = uf(True, "Show progress: a bar on a terminal, a line every ~5% of the steps in a log file.")
-    tensorboard: bool = uf(True, "Write TensorBoard events.")
+    tensorboard: bool = uf(True, "Write TensorBoard events (false drops `tensorboard` from report_to; kept for "
+                           "older recipes).")
+    report_to: list[str] | str = uf(help="Trackers that get the metrics and sample grids, as TRL's `report_to`: "
+                                    "any of tensorboard, wandb, trackio, mlflow (or `all`, `none`); each is imported "
+                                    "only when named (`pip install uniloop[tracking]`). Offline by default: "
+                                    "WANDB_MODE=offline, trackio's local SQLite, MLflow's sqlite:///<output_dir>/"
+                                    "mlflow.db (README 'Trackers'). metrics.jsonl is always written.",
+                                    factory=lambda: ["tensorboard"])
+    project: str = uf("uniloop", "Project / experiment name in the trackers (WANDB_PROJECT and "
+                      "MLFLOW_EXPERIMENT_NAME override it, as in TRL).")
+    run_name: str = uf("", "Run name in the trackers (empty = the output_dir's name).")
     log_every: int = uf(1, "Write metrics every N steps.", ge=1)
     image_grid_every: int = uf(10, "Save a PNG grid of sampled images every N steps (0 = never).", ge=0)
     save_every: int = uf(25, "Checkpoint every N steps (0 = only at the end).", ge=0)
@@ -396,6 +406,24 @@ class RolloutJobConfig:
 
 
 @dataclass
+class EvalConfig:
+    """`uniloop eval`: a checkpoint on a prompt set, fixed seeds and settings, every configured reward."""
+
+    prompts: str = uf("", "Prompt set: a text file (one image prompt per line), a JSONL file (`prompt` and optional "
+                      "`target`, or `image` + `question` for answers; GenEval metadata for the detector reward) or a "
+                      "`datasets` directory: the formats of `job.prompts`.")
+    checkpoint: str | None = uf(None, "The adapter evaluated: a PEFT adapter directory, a checkpoint or a run "
+                                "directory (its latest checkpoint); null = the base model (`--checkpoint`).")
+    samples_per_prompt: int = uf(4, "Samples per prompt (GenEval: 4), seeded from (seed, prompt, sample) the same "
+                                 "way at every evaluation, so two checkpoints see the same noise.", ge=1)
+    num_steps: int = uf(0, "Flow generators: denoising steps (0 = flow.num_steps; Flow-GRPO evaluates with 40).", ge=0)
+    cfg_scale: float | None = uf(None, "Guidance scale (null = the recipe's rollout.cfg_scale / flow.cfg_scale).",
+                                 ge=0)
+    limit: int | None = uf(None, "Only the first N prompts (null = all).", ge=1)
+    output_dir: str = uf("", "Where the table, gallery and summary go (default <output_dir>/eval).")
+
+
+@dataclass
 class Config:
     """A whole run: every section of a recipe."""
 
@@ -422,6 +450,7 @@ class Config:
     preference_data: PreferenceDataConfig | None = uf(None, "Preference pairs for offline DPO (algorithm: dpo).")
     flow: FlowConfig | None = uf(None, "The flow-matching generator (algorithm: flow_grpo, diffusion_dpo or "
                                   "diffusion_nft).")
+    eval: EvalConfig = uf(help="`uniloop eval`: a checkpoint on a prompt set.", factory=EvalConfig)
     job: RolloutJobConfig | None = uf(None, "`uniloop rollout` job: prompt file -> scored samples in shards, "
                                       "summary and gallery (uses model, lora, rollout, ray, rewards, seed, "
                                       "output_dir).")

@@ -41,10 +41,12 @@ def eval_requests(tasks, samples_per_prompt: int) -> list[RolloutRequest]:
 
 @torch.no_grad()
 def evaluate_samples(worker, requests: list[RolloutRequest], rewards, policy, step: int,
-                     grid_path: str | Path | None = None, table_path: str | Path | None = None) -> dict:
+                     grid_path: str | Path | None = None, table_path: str | Path | None = None,
+                     keep: list | None = None) -> dict:
     """Sample `requests` with `worker` (its policy in eval mode) and score them: eval/reward/* metrics.
     With `grid_path`, a PNG grid (a row of samples per prompt, each captioned with its reward); with
-    `table_path`, a JSON table of every prompt's mean rewards (`prompt_table`)."""
+    `table_path`, a JSON table of every prompt's mean rewards (`prompt_table`); `keep` receives each
+    scored (batch, mixture output) (`uniloop eval` writes every sample)."""
     if rewards is None or not requests:
         return {}
     m, table = {}, []
@@ -53,6 +55,8 @@ def evaluate_samples(worker, requests: list[RolloutRequest], rewards, policy, st
         if not rewards.applicable(batch.kind):
             continue
         mix = rewards(batch, RewardContext(policy=policy, step=step))
+        if keep is not None:
+            keep.append((batch, mix))
         for name, out in mix.components.items():
             m[f"eval/reward/{name}/mean"] = out.scores[out.valid].mean().item() if out.valid.any() else float("nan")
         m[f"eval/reward/{batch.kind}/mean"] = mix.total[mix.valid].mean().item() if mix.valid.any() else float("nan")

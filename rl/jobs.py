@@ -24,8 +24,9 @@ from .rundir import RunDirError, RunLock, check_writable
 from .trainer import policy_spec, sampling_settings
 
 
-def resolve_adapter(path: str | None) -> str | None:
-    """A PEFT adapter dir, a checkpoint dir (with adapter/), or a run dir (its latest checkpoint)."""
+def resolve_adapter(path: str | None, key: str = "job.adapter") -> str | None:
+    """A PEFT adapter dir, a checkpoint dir (with adapter/), or a run dir (its latest checkpoint);
+    `key` names the option in the error."""
     if not path:
         return None
     p = Path(path)
@@ -36,8 +37,20 @@ def resolve_adapter(path: str | None) -> str | None:
     ckpt = latest_checkpoint(p) if p.is_dir() else None
     if ckpt is not None and (ckpt / "adapter" / "adapter_config.json").exists():
         return str((ckpt / "adapter").absolute())
-    raise FileNotFoundError(f"job.adapter: no PEFT adapter at {path} (expected adapter_config.json, a checkpoint "
+    raise FileNotFoundError(f"{key}: no PEFT adapter at {path} (expected adapter_config.json, a checkpoint "
                             f"with adapter/, or a run directory with checkpoints/)")
+
+
+def policy_section(cfg) -> str:
+    """`model` (a unified model) or `flow` (a flow generator): what the recipe's algorithm trains."""
+    from .algorithms import algorithms
+    return getattr(algorithms().get(cfg.algorithm), "policy_section", "model")
+
+
+def adapter_spec(cfg, adapter: str | None, section: str = "model"):
+    """The run's PolicySpec with `adapter` (a PEFT directory) as its LoRA, or no adapter at all."""
+    spec = policy_spec(cfg, section)
+    return dataclasses.replace(spec, lora=dataclasses.replace(spec.lora, init_adapter=adapter) if adapter else None)
 
 
 def job_manifest(cfg, items, spec) -> dict:
@@ -64,9 +77,7 @@ def run_job(cfg, progress: bool = True, on_shard=None) -> dict:
         raise ValueError("the config has no `job:` section (see configs/rollout_job.yaml)")
     items = load_items(cfg.job)
     adapter = resolve_adapter(cfg.job.adapter)
-    spec = policy_spec(cfg)
-    spec = resolve_checkpoint(dataclasses.replace(
-        spec, lora=dataclasses.replace(spec.lora, init_adapter=adapter) if adapter else None))
+    spec = resolve_checkpoint(adapter_spec(cfg, adapter))
     with RunLock(cfg.output_dir, what="rollout job"):
         check_writable(Path(cfg.output_dir))
         rewards = build_mixture(cfg.rewards, cfg.reward_combine)

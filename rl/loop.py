@@ -26,6 +26,7 @@ from .checkpoint import latest_checkpoint
 from .rundir import (RunAborted, RunDirError, RunInterrupted, RunLock, check_resume, check_writable, prepare_run_dir,
                      record_config)
 from .runlog import RunLogger, read_metrics
+from .trackers import normalize_report_to, open_trackers
 from .trainer import Trainer
 
 
@@ -45,7 +46,7 @@ def train(cfg, trainer_cls: type[Trainer], resume: bool = False, allow_config_ch
 def run(trainer: Trainer, resume: bool = False) -> dict:
     cfg, log_cfg = trainer.cfg, trainer.cfg.logging
     run_dir = Path(cfg.output_dir)
-    logger = RunLogger(run_dir, tensorboard=log_cfg.tensorboard)
+    logger = RunLogger(run_dir, open_run_trackers(cfg))
     if resume and trainer.resume():
         logger.truncate_after(trainer.step)
         print(f"resumed from step {trainer.step} ({latest_checkpoint(run_dir)})")
@@ -61,6 +62,7 @@ def run(trainer: Trainer, resume: bool = False) -> dict:
                     start.update(trainer.evaluate())  # the baseline later evaluations compare against
                 if start:
                     logger.log(0, start)
+                    logger.log_image_file(0, "eval_samples", run_dir / "eval_samples" / "step_000000.png")
             while trainer.step < total:
                 try:
                     result = trainer.train_step()
@@ -72,6 +74,7 @@ def run(trainer: Trainer, resume: bool = False) -> dict:
                 evaluated = trainer.eval_due(step)
                 if evaluated:
                     metrics.update(trainer.evaluate())
+                    logger.log_image_file(step, "eval_samples", run_dir / "eval_samples" / f"step_{step:06d}.png")
                 if step % log_cfg.log_every == 0 or last or evaluated or stop.requested:
                     logger.log(step, metrics)
                 if log_cfg.image_grid_every and (step % log_cfg.image_grid_every == 0 or step == 1):
@@ -87,6 +90,15 @@ def run(trainer: Trainer, resume: bool = False) -> dict:
         trainer.close()
         summary = write_summary(run_dir)  # also when the run stops early
     return summary
+
+
+def open_run_trackers(cfg) -> list:
+    """The trackers of logging.report_to, each given the run's config (`tensorboard: false` drops that one)."""
+    from .config import to_dict
+    log_cfg = cfg.logging
+    names = [n for n in normalize_report_to(log_cfg.report_to) if n != "tensorboard" or log_cfg.tensorboard]
+    return open_trackers(names, Path(cfg.output_dir), log_cfg.project, log_cfg.run_name or Path(cfg.output_dir).name,
+                         json.loads(json.dumps(to_dict(cfg), default=str)))
 
 
 def write_summary(run_dir: Path) -> dict:
@@ -178,11 +190,17 @@ def per_prompt_summary(eval_dir: Path) -> dict:
     if not tables:
         return {}
     first, last = (json.loads(p.read_text()) for p in (tables[0], tables[-1]))
+    return {"per_prompt": prompt_changes(first, last)}
+
+
+def prompt_changes(first: dict, last: dict) -> dict:
+    """Two prompt tables ({"step", "prompts": rl.evaluate.prompt_table rows}) joined by prompt: every
+    reward's `initial` (first) and `final` (last) value; also `uniloop eval --compare A B`."""
     before = {r["key"]: r for r in first["prompts"]}
     prompts = {r["key"]: {k: {"initial": before.get(r["key"], {}).get(k), "final": v}
                           for k, v in r.items() if k not in PROMPT_TABLE_FIELDS}
                for r in last["prompts"]}
-    return {"per_prompt": {"initial_step": first["step"], "final_step": last["step"], "prompts": prompts}}
+    return {"initial_step": first["step"], "final_step": last["step"], "prompts": prompts}
 
 
 # ----------------------------------------------------------------------------- what users look at

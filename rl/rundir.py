@@ -131,7 +131,7 @@ def prepare_run_dir(output_dir: str | Path, resume: bool) -> Path | None:
 # Settings a resumed run may change without --allow-config-change: they do not change what a step
 # computes (how long to train, where and how to log, where rollouts run).
 RESUMABLE = ("grpo.max_steps", "dpo.max_steps", "logging.", "ray.", "rollout.num_workers", "rollout.num_cpus_per_worker",
-             "rollout.num_gpus_per_worker", "rollout.max_restarts")
+             "rollout.num_gpus_per_worker", "rollout.max_restarts", "eval.")
 
 
 def config_changes(old, new, prefix: str = "") -> list[str]:

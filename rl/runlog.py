@@ -1,4 +1,5 @@
-"""Run-directory logging: metrics.jsonl, TensorBoard events, PNG grids of samples."""
+"""Run-directory logging: metrics.jsonl, PNG grids of samples, and the trackers of `logging.report_to`
+(rl/trackers.py: TensorBoard, W&B, Trackio, MLflow) that receive the same scalars and grids."""
 from __future__ import annotations
 
 import json
@@ -6,6 +7,8 @@ import math
 from pathlib import Path
 
 import torch
+
+from .trackers import scalars_only
 
 
 def read_metrics(path: str | Path) -> list[dict]:
@@ -17,17 +20,11 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 
 class RunLogger:
-    def __init__(self, output_dir: str | Path, tensorboard: bool = True):
+    def __init__(self, output_dir: str | Path, trackers: list = ()):
         self.dir = Path(output_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.dir / "metrics.jsonl"
-        self.tb = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-                self.tb = SummaryWriter(str(self.dir / "tensorboard"))
-            except Exception:  # tensorboard missing: metrics.jsonl still has everything
-                self.tb = None
+        self.trackers = list(trackers)  # opened by the caller (rl/trackers.py open_trackers)
 
     def truncate_after(self, step: int):
         """On resume: drop metric lines written after the checkpoint, so the file reads as one run."""
@@ -47,21 +44,27 @@ class RunLogger:
             clean[k] = v
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(clean) + "\n")
-        if self.tb is not None:
-            for k, v in clean.items():
-                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
-                    self.tb.add_scalar(k, v, step)
-            self.tb.flush()
+        scalars = scalars_only(clean)
+        for t in self.trackers:
+            t.log(step, scalars)
 
     def save_grid(self, step: int, images: torch.Tensor, captions: list[str], name: str = "samples",
                   cols: int | None = None, cell: int = 128) -> Path:
         path = self.dir / name / f"step_{step:06d}.png"
         save_image_grid(images, captions, path, cols=cols, cell=cell)
+        self.log_image_file(step, name, path, caption=" | ".join(dict.fromkeys(c.split(" r=")[0] for c in captions)))
         return path
 
+    def log_image_file(self, step: int, key: str, path: str | Path, caption: str = ""):
+        """Send a PNG already in the run directory (a grid) to every tracker."""
+        if Path(path).exists():
+            for t in self.trackers:
+                t.log_image(step, key, Path(path), caption)
+
     def close(self):
-        if self.tb is not None:
-            self.tb.close()
+        for t in self.trackers:
+            t.close()
+        self.trackers = []
 
 
 def save_image_grid(images: torch.Tensor, captions: list[str], path: str | Path, cols: int | None = None,

@@ -20,6 +20,7 @@ from .algorithms import algorithms
 from .config import Config, ConfigError, load_config
 from .config_loader import source_of
 from .tasks import build_tasks
+from .trackers import missing_package, normalize_report_to, tracker_names
 from .trainer import policy_spec
 
 
@@ -48,6 +49,7 @@ def validate(cfg: Config):
         raise ConfigError(f"{src.where('model.family')}: key 'model.family' must be `auto` or a registered policy "
                           f"family {sorted(families)}, got {cfg.model.family!r}")
     check_rewards(cfg, src)
+    check_report_to(cfg, src)
     section = getattr(trainer, "policy_section", "model")
     model = cfg.flow if section == "flow" and cfg.flow is not None else cfg.model
     check_checkpoint(model.name_or_path, f"{section}.name_or_path", src)
@@ -74,6 +76,21 @@ def check_rewards(cfg, src):
         if env and os.environ.get(env) is None:
             raise ConfigError(f"{src.where(f'rewards[{i}].args')}: rewards[{i}] ({rc.name!r}) reads its API key from "
                               f"${env}, which is not set in this environment: export {env}=... first")
+
+
+def check_report_to(cfg, src):
+    names = normalize_report_to(cfg.logging.report_to)
+    known = tracker_names()
+    for name in names:
+        if name not in known:
+            raise ConfigError(f"{src.where('logging.report_to')}: key 'logging.report_to' must list trackers of "
+                              f"{known} (or be `all` / `none`), got {name!r}")
+        if name == "tensorboard" and not cfg.logging.tensorboard:
+            continue
+        pkg = missing_package(name)
+        if pkg:
+            raise ConfigError(f"{src.where('logging.report_to')}: key 'logging.report_to' names {name!r}, but the "
+                              f"package {pkg!r} is not installed: pip install 'uniloop[tracking]' (or {pkg})")
 
 
 def _offline() -> bool:

@@ -147,3 +147,28 @@ def test_first_grpo_step_has_ratio_exactly_one(family, tiny_dirs, tmp_path, one_
     metrics, _ = GRPOTrainer(cfg).train_step()
     assert metrics["ratio/first_step_max_abs_dev"] == 0.0
     assert metrics["logprob/sampler_vs_learner_max_abs_diff"] < TOL
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_save_merged_is_a_plain_checkpoint_with_the_adapters_outputs(family, tiny_dirs, tmp_path, one_torch_thread):
+    """`uniloop export`'s merge: the saved directory has no LoRA tensors and loads back (from_pretrained of
+    the family, no adapter) with the outputs of policy + adapter: the same images to 1e-5 (flow), the same
+    guided token log-probs to 1e-5 times 2s + 1 (CFG s = 3 scales each branch's float32 rounding)."""
+    from safetensors import safe_open
+
+    policy = perturbed(family, tiny_dirs)
+    batch = sample(policy, [1, 2])
+    want = first_output(policy, batch)
+    with policy.reference():
+        assert (first_output(policy, batch) - want).abs().max() > 1e-3, "the test adapter must change the outputs"
+    policy.save_merged(tmp_path / "merged")
+    for f in (tmp_path / "merged").rglob("*.safetensors"):
+        with safe_open(str(f), "pt") as st:
+            assert not [k for k in st.keys() if "lora" in k.lower()], f
+    load = {"max_sequence_length": 8} if family == "sd3" else {}
+    plain = policy_families()[family].cls.from_pretrained(tmp_path / "merged", **load)
+    assert not plain.has_adapter
+    if isinstance(batch, (ImageRollout, TextRollout)):
+        assert (first_output(plain, batch) - want).abs().max() <= 1e-5 * 7
+    else:  # a transition log-prob sums thousands of latent terms: compare what it samples instead
+        assert (sample(plain, [1, 2]).images - batch.images).abs().max() <= 1e-5
