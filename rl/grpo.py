@@ -13,6 +13,7 @@ exactly 1 (logged as ratio/first_step_max_abs_dev).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import time
@@ -34,6 +35,7 @@ class GRPOTrainer(Trainer):
     """GRPO on a unified policy's image and text rollouts; `train_step` is the one function to read."""
 
     section = "grpo"
+    data_parallel = True
     min_generations = 2  # a group of one sample has zero advantage: validation refuses it
 
     def setup(self, worker_pool=None):
@@ -61,7 +63,7 @@ class GRPOTrainer(Trainer):
         for sb in scored:
             self.set_advantages(sb)
         t0 = time.perf_counter()
-        update_metrics = self.update(scored)
+        update_metrics = self.run_update(scored)
         t1 = time.perf_counter()
         self.new_version()
         self.step = step
@@ -98,7 +100,6 @@ class GRPOTrainer(Trainer):
         stats = {"loss": [], "kl": [], "clip_fraction": [], "grad_norm": [], "sampler_logprob_diff": []}
         ratio_dev_first = None
         self.prepare_logprobs(scored, mode, several_updates, stats)
-        weights = {"image": g.image_loss_weight, "text": g.text_loss_weight}
         batch_tokens = {}
         for sb, idx in micro:
             batch_tokens[sb.batch.kind] = batch_tokens.get(sb.batch.kind, 0.0) + _tokens(sb, idx)
@@ -112,27 +113,17 @@ class GRPOTrainer(Trainer):
                     n = counts.setdefault(sb.batch.kind, [0, 0.0])
                     n[0] += int(sb.valid[idx].sum())
                     n[1] += _tokens(sb, idx)
-                for sb, idx in group:
-                    b = sb.batch.select(idx)
-                    logp = policy.rollout_logprobs(b, mode)
-                    # fully on-policy: the detached current log-probs are the old ones, rho is exactly 1
-                    old = logp.detach() if it == 0 and sb.old_logprobs is None else sb.old_logprobs[idx].to(logp.device)
-                    if not several_updates and b.version == policy.version:  # same weights: must agree
-                        stats["sampler_logprob_diff"].append(
-                            ((logp.detach().cpu() - b.logprobs(mode)) * b.completion_mask).abs().max().item())
-                    ref = sb.ref_logprobs[idx].to(logp.device) if sb.ref_logprobs is not None else None
-                    mask = b.completion_mask.to(logp.device) * sb.valid[idx].to(logp.device)[:, None]
-                    per_tok, ratio, kl, clipped = grpo_token_loss(
-                        logp, old, sb.advantages[idx].to(logp.device), ref, g.epsilon, g.epsilon_high, g.beta,
-                        level=g.importance_sampling_level, mask=mask)
-                    n_seq, n_tok = counts[b.kind]
-                    norm = LossNorm(n_seq, n_tok, mask.shape[1], batch_tokens[b.kind], steps_per_batch)
-                    loss = weights[b.kind] * aggregate_with(g.loss_type, per_tok, mask, norm)
-                    loss.backward()
-                    msum = mask.sum().clamp(min=1)
+                for k, (sb, idx) in enumerate(group):
+                    rows, share = (idx, 1.0) if self.dist is None else self.dist.rows(idx)
+                    with self.rank_sync(k == len(group) - 1):
+                        loss, ratio, kl, clipped, mask = self.micro_loss(sb, rows, share, it, counts, batch_tokens,
+                                                                          steps_per_batch, several_updates, stats)
+                    stats["loss"].append(loss.item())
+                    if not share:  # a rank without rows of this micro-batch: it only joined the reduction
+                        continue
                     if it == 0 and ratio_dev_first is None:
                         ratio_dev_first = ((ratio.detach() - 1).abs() * mask).max().item()
-                    stats["loss"].append(loss.item())
+                    msum = mask.sum().clamp(min=1)
                     stats["clip_fraction"].append(((clipped * mask).sum() / msum).item())
                     if kl is not None:
                         stats["kl"].append(((kl.detach() * mask).sum() / msum).item())
@@ -144,6 +135,39 @@ class GRPOTrainer(Trainer):
                 "grad_norm": mean(stats["grad_norm"]),
                 "ratio/first_step_max_abs_dev": ratio_dev_first if ratio_dev_first is not None else 0.0,
                 "logprob/sampler_vs_learner_max_abs_diff": max(stats["sampler_logprob_diff"] or [0.0])}
+
+    def rank_sync(self, last: bool):
+        """On a learner rank: the gradient all-reduce waits for the optimizer step's last micro-batch."""
+        return self.dist.no_sync(last) if self.dist is not None else contextlib.nullcontext()
+
+    def micro_loss(self, sb, idx, share, it, counts, batch_tokens, steps_per_batch, several_updates, stats):
+        """Forward + backward of rows `idx`: their share of the optimizer step's loss (normalised by the
+        whole step's counts, so the ranks' shares add up to the one-rank loss)."""
+        g, policy, mode = self.opt, self.policy, self.cfg.rollout.logprob_mode
+        weights = {"image": g.image_loss_weight, "text": g.text_loss_weight}
+        out = {}
+
+        def compute():
+            b = sb.batch.select(idx)
+            logp = policy.rollout_logprobs(b, mode)
+            # fully on-policy: the detached current log-probs are the old ones, rho is exactly 1
+            old = logp.detach() if it == 0 and sb.old_logprobs is None else sb.old_logprobs[idx].to(logp.device)
+            if not several_updates and b.version == policy.version:  # same weights: must agree
+                stats["sampler_logprob_diff"].append(
+                    ((logp.detach().cpu() - b.logprobs(mode)) * b.completion_mask).abs().max().item())
+            ref = sb.ref_logprobs[idx].to(logp.device) if sb.ref_logprobs is not None else None
+            mask = b.completion_mask.to(logp.device) * sb.valid[idx].to(logp.device)[:, None]
+            per_tok, out["ratio"], out["kl"], out["clipped"] = grpo_token_loss(
+                logp, old, sb.advantages[idx].to(logp.device), ref, g.epsilon, g.epsilon_high, g.beta,
+                level=g.importance_sampling_level, mask=mask)
+            n_seq, n_tok = counts[b.kind]
+            norm = LossNorm(n_seq, n_tok, mask.shape[1], batch_tokens[b.kind], steps_per_batch)
+            out["mask"] = mask
+            return weights[b.kind] * aggregate_with(g.loss_type, per_tok, mask, norm)
+
+        loss = self.dist.loss(compute) if self.dist is not None else compute()
+        (loss * (share * self.grad_scale)).backward()
+        return loss.detach() * share, out["ratio"], out["kl"], out["clipped"], out["mask"]
 
     @torch.no_grad()
     def prepare_logprobs(self, scored: list[ScoredBatch], mode: str, several_updates: bool, stats: dict):
@@ -168,12 +192,14 @@ class GRPOTrainer(Trainer):
                           for idx in self.micro_batches(batch)])
 
     def micro_batches(self, batch) -> list[list[int]]:
-        """Row indices per micro-batch; per_device_train_batch_size 0 = sized from free GPU memory."""
+        """Row indices per micro-batch; per_device_train_batch_size 0 = sized from free GPU memory. On N
+        learner ranks a micro-batch holds N x per_device_train_batch_size rows, a slice per rank (TRL's
+        meaning of "per device")."""
         size = self.opt.per_device_train_batch_size
         if size == 0:
             size = auto_micro_batch_size(self.policy, len(batch), batch.prompt_ids.shape[1],
                                          self.cfg.rollout.logprob_mode, self.cfg.rollout.cfg_scale)
-        return index_chunks(len(batch), size)
+        return index_chunks(len(batch), size * (self.dist.world if self.dist is not None else 1))
 
 
 def _tokens(sb: ScoredBatch, idx) -> float:

@@ -43,6 +43,10 @@ def validate(cfg: Config):
         raise ConfigError(f"{src.where('rollout.num_generations')}: key 'rollout.num_generations' must be >= {need} "
                           f"for {cfg.algorithm} (it compares the samples of one prompt: with 1 every advantage is 0 "
                           f"and nothing trains), got {cfg.rollout.num_generations}")
+    if cfg.learner.num_workers > 1 and not getattr(trainer, "data_parallel", False):
+        runs = sorted(n for n, t in algos.items() if getattr(t, "data_parallel", False))
+        raise ConfigError(f"{src.where('learner.num_workers')}: key 'learner.num_workers' > 1 is not supported by "
+                          f"{cfg.algorithm} yet (ranks run: {runs}); use learner.num_workers: 1")
     families = policy_families()
     if cfg.model.family != "auto" and cfg.model.family not in families:
         raise ConfigError(f"{src.where('model.family')}: key 'model.family' must be `auto` or a registered policy "
