@@ -70,7 +70,12 @@ def resume_trainer(trainer) -> dict | None:
     if ckpt is None:
         return None
     state = load_checkpoint(ckpt)
-    trainer.policy.load_adapter_weights(ckpt / "adapter", version=state["version"])
+    if "weights" in state:  # learner.full_finetune: the trained tensors, no adapter
+        from .distributed import load_trainable_state
+        load_trainable_state(trainer.policy, state["weights"])
+        trainer.policy.version = state["version"]
+    else:
+        trainer.policy.load_adapter_weights(ckpt / "adapter", version=state["version"])
     trainer.optimizer.load_state_dict(state["optimizer"])
     set_rng_state(state["rng"])
     trainer.step = state["step"]

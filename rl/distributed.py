@@ -19,15 +19,22 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import socket
 import time
+import warnings
 
 import torch
 
 from ..policies.registry import PolicySpec, resolve_checkpoint
 
 LEARNER_DIR = "learner"  # inside a checkpoint: the ranks' DCP files
+
+
+def _dcp_options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+    return StateDictOptions(ignore_frozen_params=True)  # the trained tensors, not the frozen base
 
 
 # ----------------------------------------------------------------------------- tensors
@@ -75,8 +82,11 @@ class RankContext:
         from torch.nn.parallel import DistributedDataParallel
         # The policies call their sub-modules directly, not one forward: DDP runs a closure that
         # computes the whole micro-batch loss, so its reducer sees every forward and backward.
-        self.ddp = DistributedDataParallel(_Closure(policy.model), find_unused_parameters=True,
-                                           broadcast_buffers=False)
+        # find_unused_parameters: a text micro-batch leaves the image-only adapters without gradient
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
+            self.ddp = DistributedDataParallel(_Closure(policy.model), find_unused_parameters=True,
+                                               broadcast_buffers=False)
 
     def loss(self, compute):
         """`compute()` (a scalar loss) through DDP when there is one; FSDP2 hooks into the modules."""
@@ -139,6 +149,12 @@ def decoder_layers(policy) -> list[torch.nn.Module]:
     raise ValueError(f"strategy fsdp: no decoder layers found in {type(lm).__name__}")
 
 
+def train_decoder_weights(policy):
+    """learner.full_finetune: every weight of the language model's decoder layers is trained."""
+    for layer in decoder_layers(policy):
+        layer.requires_grad_(True)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("", 0))
@@ -196,8 +212,9 @@ class LearnerRank:
         t0 = time.perf_counter()
         metrics = t.update(scored)
         out = {"metrics": metrics, "seconds": time.perf_counter() - t0, "peak_rss_mb": peak_rss_mb()}
+        weights = trainable_state(t.policy)  # with FSDP2 a collective (all-gather): every rank joins
         if self.rank == 0:
-            out["weights"] = trainable_state(t.policy)
+            out["weights"] = weights
         return out
 
     def optimizer_state(self) -> dict:
@@ -206,18 +223,18 @@ class LearnerRank:
     def save(self, path: str):
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict
-        model, optim = get_state_dict(self.trainer.policy.model, self.trainer.optimizer)
+        model, optim = get_state_dict(self.trainer.policy.model, self.trainer.optimizer, options=_dcp_options())
         dcp.save({"model": model, "optim": optim}, checkpoint_id=path)
 
     def restore(self, path: str, version: int):
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
         t = self.trainer
-        model, optim = get_state_dict(t.policy.model, t.optimizer)
+        model, optim = get_state_dict(t.policy.model, t.optimizer, options=_dcp_options())
         state = {"model": model, "optim": optim}
         dcp.load(state, checkpoint_id=path)
         set_state_dict(t.policy.model, t.optimizer, model_state_dict=state["model"],
-                       optim_state_dict=state["optim"])
+                       optim_state_dict=state["optim"], options=_dcp_options())
         t.policy.version = version
 
 
@@ -259,6 +276,8 @@ class LearnerGroup:
         state = self.driver_state(trainer)
         self.info = ray.get([h.setup.remote(type(trainer), cfg, spec, self.world, addr, port, state)
                              for h in self.ranks], timeout=lc.start_timeout_s)
+        # where each rank runs (node, pid): for the operator, and for the tests that kill one
+        (trainer.run_dir / "learner.json").write_text(json.dumps({"strategy": lc.strategy, "ranks": self.info}))
         self.last = {}
 
     @staticmethod

@@ -26,6 +26,7 @@ from ..policies.registry import LoraSpec, PolicySpec, build_policy, detect_famil
 from ..rewards.base import RewardMixture, build_mixture
 from ..rollouts.worker import RolloutWorker, Sampling
 from .checkpoint import latest_checkpoint, resume_trainer, save_trainer
+from .distributed import LEARNER_DIR, LearnerGroup, train_decoder_weights, trainable_state
 from .evaluate import eval_requests, evaluate_samples
 from .rundir import RunAborted
 
@@ -60,6 +61,8 @@ class Trainer:
         seed_everything(cfg.seed)
         self.spec = policy_spec(cfg, self.policy_section)
         self.policy = policy or build_policy(self.spec)
+        if cfg.learner.full_finetune:
+            train_decoder_weights(self.policy)
         self.policy.model.train()
         self.optimizer = make_optimizer(self.policy, self.opt)
         self.rewards: RewardMixture | None = build_mixture(cfg.rewards, cfg.reward_combine) if cfg.rewards else None
@@ -71,7 +74,6 @@ class Trainer:
         self.learners = None
         self.setup(worker_pool)
         if cfg.learner.num_workers > 1:
-            from .distributed import LearnerGroup
             self.learners = LearnerGroup(self)  # the ranks start from this policy's tensors
 
     @classmethod
@@ -83,6 +85,8 @@ class Trainer:
         self.run_dir, self.step, self.workers, self.rewards, self.learners = Path(cfg.output_dir), 0, None, None, None
         seed_everything(cfg.seed)
         self.policy = build_policy(spec)
+        if cfg.learner.full_finetune:
+            train_decoder_weights(self.policy)
         self.policy.model.train()
         dist.wrap(self.policy, cfg.learner)
         self.optimizer = make_optimizer(self.policy, self.opt)
@@ -186,12 +190,13 @@ class Trainer:
             self.workers.sync(self.policy, self.policy.version)
 
     def save(self):
+        extra = {"invalid_streak": self.invalid_streak}
+        if self.cfg.learner.full_finetune:  # no adapter: the trained tensors themselves
+            extra["weights"] = trainable_state(self.policy)
         if self.learners is None:
-            return save_trainer(self, invalid_streak=self.invalid_streak)
-        from .distributed import LEARNER_DIR
+            return save_trainer(self, **extra)
         self.learners.pull_optimizer(self)
-        return save_trainer(self, write_extra=lambda tmp: self.learners.save((tmp / LEARNER_DIR).absolute()),
-                            invalid_streak=self.invalid_streak)
+        return save_trainer(self, write_extra=lambda tmp: self.learners.save((tmp / LEARNER_DIR).absolute()), **extra)
 
     def resume(self) -> bool:
         state = resume_trainer(self)
@@ -246,14 +251,15 @@ def policy_spec(cfg, section: str = "model") -> PolicySpec:
                           gradient_checkpointing=f.gradient_checkpointing, tiny=dict(f.tiny or {}),
                           tiny_dir=f.tiny_dir or default_tiny_dir(cfg, "sd3"), seed=cfg.seed)
     m = cfg.model
+    lora = None if cfg.learner.full_finetune else lora
     family = m.family if m.family != "auto" else (detect_family(m.name_or_path) or "janus")
-    targets = lora.target_modules
+    targets = lora.target_modules if lora else None
     if targets and "," in targets:
         targets = [t.strip() for t in targets.split(",")]
     return PolicySpec(family, m.name_or_path,
                       load={"dtype": m.dtype, "device": m.device, "quantization": m.quantization,
                             "attn_implementation": m.attn_implementation, **m.load_args},
-                      lora=LoraSpec(lora.r, lora.alpha, lora.dropout, targets, lora.init_adapter),
+                      lora=lora and LoraSpec(lora.r, lora.alpha, lora.dropout, targets, lora.init_adapter),
                       gradient_checkpointing=m.gradient_checkpointing, tiny=dict(m.tiny or {}),
                       tiny_dir=m.tiny_dir or default_tiny_dir(cfg, family), seed=cfg.seed)
 
