@@ -38,13 +38,17 @@ def _dcp_options():
 
 
 # ----------------------------------------------------------------------------- tensors
-def trainable_state(policy) -> dict[str, torch.Tensor]:
-    """The trainable tensors by name, full (an FSDP2 shard is gathered: `DTensor.full_tensor`), on CPU."""
+def trainable_state(policy, keep: bool = True) -> dict[str, torch.Tensor]:
+    """The trainable tensors by name, full, on CPU. An FSDP2 shard is gathered one parameter at a time
+    (`DTensor.full_tensor`, a collective every rank joins; `keep=False` drops it at once), so no device
+    ever holds a second full copy of the model."""
     out = {}
     for name, p in policy.model.named_parameters():
         if p.requires_grad:
             t = p.detach()
-            out[name] = (t.full_tensor() if hasattr(t, "full_tensor") else t).cpu().clone()
+            t = (t.full_tensor() if hasattr(t, "full_tensor") else t).cpu().clone()
+            if keep:
+                out[name] = t
     return out
 
 
@@ -212,7 +216,7 @@ class LearnerRank:
         t0 = time.perf_counter()
         metrics = t.update(scored)
         out = {"metrics": metrics, "seconds": time.perf_counter() - t0, "peak_rss_mb": peak_rss_mb()}
-        weights = trainable_state(t.policy)  # with FSDP2 a collective (all-gather): every rank joins
+        weights = trainable_state(t.policy, keep=self.rank == 0)  # FSDP2: every rank joins the gathers
         if self.rank == 0:
             out["weights"] = weights
         return out
