@@ -35,6 +35,7 @@ def ray_local():
     tmp = tempfile.mkdtemp(prefix="ulrl", dir="/tmp")  # short: Ray's socket paths must stay < 107 bytes
     if ray.is_initialized():
         ray.shutdown()
+    os.environ.setdefault("RAY_raylet_start_wait_time_s", "120")  # a loaded 2-core machine starts slowly
     ray.init(num_cpus=2, _temp_dir=tmp, include_dashboard=False)
     yield ray
     ray.shutdown()
@@ -110,9 +111,16 @@ def rewards(run_dir) -> dict[int, float]:
 
 def kill_rank_after(run_dir: Path, step: int, rank: int = 1):
     """A thread that SIGKILLs one learner rank's process once `step` is in the metrics."""
+    def reached() -> bool:
+        try:
+            return max(rewards(run_dir), default=0) >= step
+        except (OSError, ValueError):  # not written yet, or a line being written
+            return False
+
     def watch():
-        for _ in range(2400):
-            if max(rewards(run_dir), default=0) >= step if (run_dir / "metrics.jsonl").exists() else False:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            if reached():
                 info = json.loads((run_dir / "learner.json").read_text())
                 os.kill(info["ranks"][rank]["pid"], signal.SIGKILL)
                 return
@@ -123,35 +131,38 @@ def kill_rank_after(run_dir: Path, step: int, rank: int = 1):
 
 
 def test_two_ranks_log_the_one_rank_rewards_and_resume_after_a_killed_rank(ray_local, tiny_janus_dir, tmp_path):
-    """20 quickstart-style steps: 2 ranks log the 1-rank rewards; a rank killed mid-run, then --resume
-    (on 2 ranks, and a 1-rank resume of the 2-rank checkpoint) ends where the uninterrupted run ends."""
+    """20 steps: 2 ranks log the 1-rank rewards; a rank SIGKILLed mid-run stops the run with a message,
+    and --resume on 2 ranks (from the ranks' DCP files) or on 1 rank (a different rank count) ends with
+    the uninterrupted run's per-step rewards and final adapter."""
+    from safetensors.torch import load_file
+
     steps = 20
-    base = train_overrides(tiny_janus_dir, tmp_path / "run") + [
-        f"grpo.max_steps={steps}", "logging.save_every=5", "rollout.num_generations=4"]
+    base = train_overrides(tiny_janus_dir, tmp_path / "run") + [f"grpo.max_steps={steps}", "logging.save_every=4"]
     ref_dir = tmp_path / "one"
     train(load_config(QUICKSTART, base + [f"output_dir={ref_dir}"]), GRPOTrainer)
     ref = rewards(ref_dir)
-    assert len(ref) == steps and len(set(ref.values())) > steps // 2  # the rewards move
+    assert sorted(ref) == list(range(1, steps + 1)) and len(set(ref.values())) > steps // 2  # the rewards move
 
     run_dir = tmp_path / "two"
-    cfg2 = base + RANKS + ["learner.num_workers=2", "grpo.per_device_train_batch_size=32", f"output_dir={run_dir}"]
-    watcher = kill_rank_after(run_dir, 7)
+    two = base + RANKS + ["learner.num_workers=2", "grpo.per_device_train_batch_size=32"]
+    watcher = kill_rank_after(run_dir, 6)
     with pytest.raises(RuntimeError, match="learner rank died.*--resume"):
-        train(load_config(QUICKSTART, cfg2), GRPOTrainer)
+        train(load_config(QUICKSTART, two + [f"output_dir={run_dir}"]), GRPOTrainer)
     watcher.join(timeout=5)
     done = rewards(run_dir)
-    assert 7 <= max(done) < steps and all(done[s] == ref[s] for s in done)
-    # a 1-rank resume of the 2-rank checkpoint (the driver holds the optimizer state DDP replicates) ...
+    assert 6 <= max(done) < steps and all(done[s] == ref[s] for s in done)
     one_dir = tmp_path / "two_then_one"
     shutil.copytree(run_dir, one_dir)
-    (one_dir / "run.lock").unlink(missing_ok=True)
-    # ... and a 2-rank resume from the ranks' DCP files
-    train(load_config(QUICKSTART, cfg2), GRPOTrainer, resume=True)
-    got = rewards(run_dir)
-    assert got == pytest.approx(ref, abs=0) if False else all(got[s] == ref[s] for s in ref), (got, ref)
-    assert sorted(got) == sorted(ref)
-    final = lambda d: torch.load(sorted((d / "checkpoints").glob("step_*"))[-1] / "state.pt", weights_only=False)  # noqa
-    assert final(run_dir)["step"] == steps
+    train(load_config(QUICKSTART, two + [f"output_dir={run_dir}"]), GRPOTrainer, resume=True)
+    train(load_config(QUICKSTART, base + [f"output_dir={one_dir}"]), GRPOTrainer, resume=True,
+          allow_config_change=True)
+    final = lambda d: load_file(str(d / "checkpoints" / f"step_{steps:06d}" / "adapter" / "adapter_model.safetensors"))  # noqa: E731
+    want = final(ref_dir)
+    for d in (run_dir, one_dir):
+        assert rewards(d) == ref, d.name
+        assert (d / "checkpoints" / f"step_{steps:06d}" / "learner").exists() == (d == run_dir)
+        got = final(d)
+        assert max((got[k] - want[k]).abs().max().item() for k in want) < 1e-6, d.name
 
 
 def test_two_ranks_on_a_two_node_cluster_put_one_rank_on_each_node(tiny_janus_dir, tmp_path, monkeypatch):
