@@ -272,9 +272,10 @@ class LearnerGroup:
         device = "cuda" if lc.num_gpus_per_worker > 0 else "cpu"
         spec = dataclasses.replace(resolve_checkpoint(trainer.spec), load={**trainer.spec.load, "device": device})
         actor = ray.remote(LearnerRank)
+        threads = max(1, int(lc.num_cpus_per_worker))
         self.ranks = [actor.options(num_cpus=lc.num_cpus_per_worker, num_gpus=lc.num_gpus_per_worker, max_restarts=0,
                                     scheduling_strategy=PlacementGroupSchedulingStrategy(
-                                        self.pg, placement_group_bundle_index=r)).remote(r, max(1, int(lc.num_cpus_per_worker)))
+                                        self.pg, placement_group_bundle_index=r)).remote(r, threads)
                       for r in range(self.world)]
         addr, port = ray.get(self.ranks[0].rendezvous.remote(), timeout=lc.start_timeout_s)
         state = self.driver_state(trainer)

@@ -91,7 +91,7 @@ class GRPOTrainer(Trainer):
 
     def update(self, scored: list[ScoredBatch]) -> dict:
         """num_iterations passes over the batch, micro-batched, one optimizer step per accumulation group."""
-        g, policy, mode = self.opt, self.policy, self.cfg.rollout.logprob_mode
+        g, mode = self.opt, self.cfg.rollout.logprob_mode
         micro = [(sb, idx) for sb in scored for idx in self.micro_batches(sb.batch) if sb.valid[idx].any()]
         # With one optimizer step per rollout batch the learner's own log-probs, detached, are the
         # "old" ones (rho == 1 exactly). With more, every later micro-batch would see updated weights,

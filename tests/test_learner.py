@@ -156,7 +156,8 @@ def test_two_ranks_log_the_one_rank_rewards_and_resume_after_a_killed_rank(ray_l
     train(load_config(QUICKSTART, two + [f"output_dir={run_dir}"]), GRPOTrainer, resume=True)
     train(load_config(QUICKSTART, base + [f"output_dir={one_dir}"]), GRPOTrainer, resume=True,
           allow_config_change=True)
-    final = lambda d: load_file(str(d / "checkpoints" / f"step_{steps:06d}" / "adapter" / "adapter_model.safetensors"))  # noqa: E731
+    def final(d):
+        return load_file(str(d / "checkpoints" / f"step_{steps:06d}" / "adapter" / "adapter_model.safetensors"))
     want = final(ref_dir)
     for d in (run_dir, one_dir):
         assert rewards(d) == ref, d.name
@@ -165,35 +166,44 @@ def test_two_ranks_log_the_one_rank_rewards_and_resume_after_a_killed_rank(ray_l
         assert max((got[k] - want[k]).abs().max().item() for k in want) < 1e-6, d.name
 
 
-def test_two_ranks_on_a_two_node_cluster_put_one_rank_on_each_node(tiny_janus_dir, tmp_path, monkeypatch):
-    """`uniloop train --set learner.num_workers=2` against two Ray nodes (ray.cluster_utils.Cluster,
-    1 CPU each): STRICT_SPREAD places rank 0 and rank 1 on different nodes, and the step trains."""
+def test_two_ranks_on_a_two_node_cluster_put_one_rank_on_each_node(tiny_janus_dir, tmp_path, two_node_cluster):
+    """`uniloop train --set learner.num_workers=2` against two Ray nodes (1 CPU each): STRICT_SPREAD
+    places rank 0 and rank 1 on different nodes, and the step trains."""
     import subprocess
     import sys
 
-    import ray._private.utils
-    from ray.cluster_utils import Cluster
+    cluster, worker = two_node_cluster
+    out = tmp_path / "run"
+    args = train_overrides(tiny_janus_dir, out) + [
+        "grpo.max_steps=1", "learner.num_workers=2", "learner.num_cpus_per_worker=1",
+        "learner.placement_strategy=STRICT_SPREAD", f"ray.address={cluster.address}"]
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+    sets = [x for a in args for x in ("--set", a)]
+    proc = subprocess.run([sys.executable, "-m", "uniloop.rl.cli", "train", QUICKSTART, *sets], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ranks = json.loads((out / "learner.json").read_text())["ranks"]
+    assert [r["rank"] for r in ranks] == [0, 1]
+    assert {r["node_id"] for r in ranks} == {cluster.head_node.node_id, worker.node_id}
+    assert rewards(out).keys() == {1}
 
-    monkeypatch.setattr(ray._private.utils, "write_ray_address", lambda *a, **k: None)  # as in test_ray
-    tmp = tempfile.mkdtemp(prefix="ullc", dir="/tmp")
-    cluster = Cluster(initialize_head=True, connect=False,
-                      head_node_args={"num_cpus": 1, "temp_dir": tmp, "include_dashboard": False})
-    try:
-        worker = cluster.add_node(num_cpus=1)
-        cluster.wait_for_nodes()
-        out = tmp_path / "run"
-        args = train_overrides(tiny_janus_dir, out) + [
-            "grpo.max_steps=1", "learner.num_workers=2", "learner.num_cpus_per_worker=1",
-            "learner.placement_strategy=STRICT_SPREAD", f"ray.address={cluster.address}"]
-        env = {**os.environ, "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
-        sets = [x for a in args for x in ("--set", a)]
-        proc = subprocess.run([sys.executable, "-m", "uniloop.rl.cli", "train", QUICKSTART, *sets], env=env,
-                              capture_output=True, text=True, timeout=400)
-        assert proc.returncode == 0, proc.stderr[-4000:]
-        ranks = json.loads((out / "learner.json").read_text())["ranks"]
-        assert [r["rank"] for r in ranks] == [0, 1]
-        assert {r["node_id"] for r in ranks} == {cluster.head_node.node_id, worker.node_id}
-        assert rewards(out).keys() == {1}
-    finally:
-        cluster.shutdown()
-        shutil.rmtree(tmp, ignore_errors=True)
+
+@pytest.mark.parametrize("sets, key", [
+    (["learner.mixed_precision=bf16"], "learner.mixed_precision"),
+    (["learner.cpu_offload=true"], "learner.cpu_offload"),
+    (["learner.num_workers=0"], "learner.num_workers"),
+    (["learner.strategy=zero3"], "learner.strategy"),
+    (["learner.num_workers=2", "algorithm=dpo"], "learner.num_workers"),
+    (["learner.full_finetune=true", "grpo.beta=0.04"], "grpo.beta"),
+    (["learner.full_finetune=true", "rollout.num_workers=2"], "rollout.num_workers"),
+])
+def test_bad_learner_settings_exit_2_naming_the_key_before_any_model_loads(sets, key, tmp_path, capsys):
+    from uniloop.rl.cli import main
+    args = ["train", QUICKSTART, "--set", f"output_dir={tmp_path / 'run'}", "--set", "model.name_or_path=tiny",
+            "--set", f"model.tiny_dir={tmp_path / 'never_built'}"]
+    for s in sets:
+        args += ["--set", s]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"'{key}" in err[0], err
+    assert not (tmp_path / "never_built").exists()
