@@ -34,7 +34,9 @@ LEARNER_DIR = "learner"  # inside a checkpoint: the ranks' DCP files
 
 def _dcp_options():
     from torch.distributed.checkpoint.state_dict import StateDictOptions
-    return StateDictOptions(ignore_frozen_params=True)  # the trained tensors, not the frozen base
+    # the trained tensors, not the frozen base; loading is not strict about the frozen tensors left out
+    # (dcp.load itself fails on a trained tensor the checkpoint lacks)
+    return StateDictOptions(ignore_frozen_params=True, strict=False)
 
 
 # ----------------------------------------------------------------------------- tensors
@@ -231,15 +233,21 @@ class LearnerRank:
         dcp.save({"model": model, "optim": optim}, checkpoint_id=path)
 
     def restore(self, path: str, version: int):
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-        t = self.trainer
-        model, optim = get_state_dict(t.policy.model, t.optimizer, options=_dcp_options())
-        state = {"model": model, "optim": optim}
-        dcp.load(state, checkpoint_id=path)
-        set_state_dict(t.policy.model, t.optimizer, model_state_dict=state["model"],
-                       optim_state_dict=state["optim"], options=_dcp_options())
-        t.policy.version = version
+        dcp_restore(self.trainer.policy.model, self.trainer.optimizer, path)
+        self.trainer.policy.version = version
+
+
+def dcp_restore(model, optimizer, path):
+    """Load the ranks' DCP files (trained tensors + optimizer state) into `model` / `optimizer`: on any
+    number of ranks (DCP reshards), or in one process without a process group (the in-process learner
+    resuming a run that had ranks)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=_dcp_options())
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=str(path))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                   options=_dcp_options())
 
 
 def peak_rss_mb() -> float:

@@ -26,7 +26,7 @@ from ..policies.registry import LoraSpec, PolicySpec, build_policy, detect_famil
 from ..rewards.base import RewardMixture, build_mixture
 from ..rollouts.worker import RolloutWorker, Sampling
 from .checkpoint import latest_checkpoint, resume_trainer, save_trainer
-from .distributed import LEARNER_DIR, LearnerGroup, train_decoder_weights, trainable_state
+from .distributed import LEARNER_DIR, LearnerGroup, dcp_restore, train_decoder_weights, trainable_state
 from .evaluate import eval_requests, evaluate_samples
 from .rundir import RunAborted
 
@@ -203,8 +203,11 @@ class Trainer:
         if state is None:
             return False
         self.invalid_streak = state.get("invalid_streak", 0)
+        ckpt = latest_checkpoint(self.run_dir)
         if self.learners is not None:
-            self.learners.restore(self, latest_checkpoint(self.run_dir))
+            self.learners.restore(self, ckpt)
+        elif (ckpt / LEARNER_DIR).exists():  # a run that had ranks, resumed in-process: their state is the truth
+            dcp_restore(self.policy.model, self.optimizer, ckpt / LEARNER_DIR)
         if self.workers is not None:
             self.workers.sync(self.policy, self.policy.version)
         return True
