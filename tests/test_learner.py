@@ -35,7 +35,6 @@ def ray_local():
     tmp = tempfile.mkdtemp(prefix="ulrl", dir="/tmp")  # short: Ray's socket paths must stay < 107 bytes
     if ray.is_initialized():
         ray.shutdown()
-    os.environ.setdefault("RAY_raylet_start_wait_time_s", "120")  # a loaded 2-core machine starts slowly
     ray.init(num_cpus=2, _temp_dir=tmp, include_dashboard=False)
     yield ray
     ray.shutdown()
