@@ -27,9 +27,10 @@ def set_rng_state(state: dict):
 
 
 def save_checkpoint(output_dir: str | Path, step: int, model=None, state: dict | None = None,
-                    keep: int = 2) -> Path:
+                    keep: int = 2, write_extra=None) -> Path:
     """Save the adapter (`model.save_adapter`, or `save_pretrained` of a PEFT model) and `state`
-    (optimizer, RNG, step...) atomically."""
+    (optimizer, RNG, step...) atomically; `write_extra(tmp_dir)` adds files (the learner ranks' DCP
+    state) before the checkpoint is marked complete."""
     root = Path(output_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:06d}"
@@ -37,6 +38,8 @@ def save_checkpoint(output_dir: str | Path, step: int, model=None, state: dict |
     if model is not None:
         (getattr(model, "save_adapter", None) or model.save_pretrained)(str(tmp / "adapter"))
     torch.save({"step": step, "rng": rng_state(), **(state or {})}, tmp / "state.pt")
+    if write_extra is not None:
+        write_extra(tmp)
     with open(tmp / "COMPLETE", "w") as f:
         f.write(str(step))
         f.flush()
@@ -53,12 +56,12 @@ def save_checkpoint(output_dir: str | Path, step: int, model=None, state: dict |
     return final
 
 
-def save_trainer(trainer, **extra) -> Path:
+def save_trainer(trainer, write_extra=None, **extra) -> Path:
     """Checkpoint a trainer (anything with run_dir, step, cfg.logging, optimizer and a policy with
     `save_adapter` / `load_adapter_weights`): the adapter, optimizer, adapter version, RNG, step, + extra."""
     state = {"optimizer": trainer.optimizer.state_dict(), "version": trainer.policy.version, **extra}
     return save_checkpoint(trainer.run_dir, trainer.step, trainer.policy, state,
-                           keep=trainer.cfg.logging.keep_checkpoints)
+                           keep=trainer.cfg.logging.keep_checkpoints, write_extra=write_extra)
 
 
 def resume_trainer(trainer) -> dict | None:
@@ -67,7 +70,12 @@ def resume_trainer(trainer) -> dict | None:
     if ckpt is None:
         return None
     state = load_checkpoint(ckpt)
-    trainer.policy.load_adapter_weights(ckpt / "adapter", version=state["version"])
+    if "weights" in state:  # learner.full_finetune: the trained tensors, no adapter
+        from .distributed import load_trainable_state
+        load_trainable_state(trainer.policy, state["weights"])
+        trainer.policy.version = state["version"]
+    else:
+        trainer.policy.load_adapter_weights(ckpt / "adapter", version=state["version"])
     trainer.optimizer.load_state_dict(state["optimizer"])
     set_rng_state(state["rng"])
     trainer.step = state["step"]

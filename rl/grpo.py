@@ -39,6 +39,7 @@ class GRPOTrainer(Trainer):
     """GRPO on a unified policy's image and text rollouts; `train_step` is the one function to read."""
 
     section = "grpo"
+    data_parallel = True
     min_generations = 2  # a group of one sample has zero advantage: validation refuses it
 
     def setup(self, worker_pool=None):
@@ -67,7 +68,7 @@ class GRPOTrainer(Trainer):
         for sb in scored:
             self.set_advantages(sb)
         t0 = time.perf_counter()
-        update_metrics = self.update(scored)
+        update_metrics = self.run_update(scored)
         t1 = time.perf_counter()
         self.new_version()
         self.step = step
@@ -100,7 +101,7 @@ class GRPOTrainer(Trainer):
 
     def update(self, scored: list[ScoredBatch]) -> dict:
         """num_iterations passes over the batch, micro-batched, one optimizer step per accumulation group."""
-        g, policy, mode = self.opt, self.policy, self.cfg.rollout.logprob_mode
+        g, mode = self.opt, self.cfg.rollout.logprob_mode
         micro = [(sb, idx) for sb in scored for idx in self.micro_batches(sb.batch) if sb.valid[idx].any()]
         # With one optimizer step per rollout batch the learner's own log-probs, detached, are the
         # "old" ones (rho == 1 exactly). With more, every later micro-batch would see updated weights,
@@ -110,10 +111,6 @@ class GRPOTrainer(Trainer):
         ratio_dev_first = None
         gap = SamplerGap()
         self.prepare_logprobs(scored, mode, several_updates, stats)
-        # Every segment (the image tokens, an answer, a reasoned rollout's plan) is aggregated on its own,
-        # with normalisers over that segment's tokens only, then weighted: 576 image tokens never drown
-        # a 30-token plan in one token mean (REFERENCES: keep per-modality aggregation explicit).
-        weights = {"image": g.image_loss_weight, "text": g.text_loss_weight, "plan": g.text_loss_weight}
         batch_tokens = {}
         for sb, idx in micro:
             for seg, n_tok in _segment_tokens(sb, idx).items():
@@ -129,48 +126,14 @@ class GRPOTrainer(Trainer):
                         n = counts.setdefault(seg, [0, 0.0])
                         n[0] += int(sb.valid[idx].sum())
                         n[1] += n_tok
-                for sb, idx in group:
-                    b = sb.batch.select(idx)
-                    logp = policy.rollout_logprobs(b, mode)
-                    # the learner's log-probs before this update: a frozen pass when there are several
-                    # updates, else the detached current ones (then rho is exactly 1)
-                    learner_old = (logp.detach() if sb.learner_logprobs is None
-                                   else sb.learner_logprobs[idx].to(logp.device))
-                    old = learner_old if sb.old_logprobs is None else sb.old_logprobs[idx].to(logp.device)
-                    if not several_updates and b.version == policy.version:  # same weights: must agree
-                        stats["sampler_logprob_diff"].append(
-                            ((logp.detach().cpu() - b.logprobs(mode)) * b.completion_mask).abs().max().item())
-                    ref = sb.ref_logprobs[idx].to(logp.device) if sb.ref_logprobs is not None else None
-                    mask = b.completion_mask.to(logp.device) * sb.valid[idx].to(logp.device)[:, None]
-                    is_w = None
-                    if g.vllm_importance_sampling_correction:  # over the whole trajectory (every segment)
-                        is_w = sampler_is_weights(g.vllm_importance_sampling_mode, learner_old, b.logprobs(mode),
-                                                  mask, g.vllm_importance_sampling_clip_min,
-                                                  g.vllm_importance_sampling_clip_max)
-                    if it == 0:
-                        gap.add(learner_old, b.logprobs(mode), mask, is_w)
-                    adv = sb.advantages[idx].to(logp.device)
-                    loss, first_micro = logp.new_zeros(()), it == 0 and not stats["loss"]
-                    for seg, cols in b.segments.items():  # one advantage per trajectory, a loss per segment
-                        if cols.stop == cols.start:
-                            continue
-                        m = mask[:, cols]
-                        w = is_w[:, cols] if is_w is not None and is_w.shape == mask.shape else is_w
-                        per_tok, ratio, kl, clipped = grpo_token_loss(
-                            logp[:, cols], old[:, cols], adv, ref[:, cols] if ref is not None else None, g.epsilon,
-                            g.epsilon_high, g.beta, level=g.importance_sampling_level, mask=m, is_weights=w)
-                        n_seq, n_tok = counts[seg]
-                        norm = LossNorm(n_seq, n_tok, m.shape[1], batch_tokens[seg], steps_per_batch)
-                        loss = loss + weights[seg] * aggregate_with(g.loss_type, per_tok, m, norm)
-                        msum = m.sum().clamp(min=1)
-                        if first_micro:  # the first micro-batch's ratio, every segment of it
-                            dev = ((ratio.detach() - 1).abs() * m).max().item()
-                            ratio_dev_first = dev if ratio_dev_first is None else max(ratio_dev_first, dev)
-                        stats["clip_fraction"].append(((clipped * m).sum() / msum).item())
-                        if kl is not None:
-                            stats["kl"].append(((kl.detach() * m).sum() / msum).item())
-                    loss.backward()
+                for k, (sb, idx) in enumerate(group):
+                    rows, share = (idx, 1.0) if self.dist is None else self.dist.rows(idx)
+                    with self.rank_sync(k == len(group) - 1):
+                        loss, ratio_dev = self.micro_loss(sb, rows, share, it, counts, batch_tokens,
+                                                          steps_per_batch, several_updates, stats, gap)
                     stats["loss"].append(loss.item())
+                    if it == 0 and ratio_dev_first is None:  # a rank without rows gives None
+                        ratio_dev_first = ratio_dev
                 stats["grad_norm"].append(self.optimizer_step())
         mean = lambda xs: float(np.mean(xs)) if xs else 0.0  # noqa: E731
         # each optimizer step's loss is the sum of its micro-batches' shares
@@ -180,6 +143,70 @@ class GRPOTrainer(Trainer):
                 "ratio/first_step_max_abs_dev": ratio_dev_first if ratio_dev_first is not None else 0.0,
                 "logprob/sampler_vs_learner_max_abs_diff": max(stats["sampler_logprob_diff"] or [0.0]),
                 **gap.metrics()}
+
+    def rank_sync(self, last: bool):
+        """On a learner rank: the gradient all-reduce waits for the optimizer step's last micro-batch."""
+        return self.dist.no_sync(last) if self.dist is not None else contextlib.nullcontext()
+
+    def micro_loss(self, sb, idx, share, it, counts, batch_tokens, steps_per_batch, several_updates, stats, gap):
+        """Forward + backward of rows `idx`: their share of the optimizer step's loss (normalised by the
+        whole step's counts, so the ranks' shares add up to the one-rank loss). Returns the detached
+        share and the largest |ratio - 1| (None on a rank without rows of this micro-batch)."""
+        g, policy, mode = self.opt, self.policy, self.cfg.rollout.logprob_mode
+        # Every segment (the image tokens, an answer, a reasoned rollout's plan) is aggregated on its own,
+        # with normalisers over that segment's tokens only, then weighted: 576 image tokens never drown
+        # a 30-token plan in one token mean (REFERENCES: keep per-modality aggregation explicit).
+        weights = {"image": g.image_loss_weight, "text": g.text_loss_weight, "plan": g.text_loss_weight}
+        parts = []  # per segment: (mask, ratio, kl, clipped), for the metrics
+
+        def compute():
+            b = sb.batch.select(idx)
+            logp = policy.rollout_logprobs(b, mode)
+            # the learner's log-probs before this update: a frozen pass when there are several
+            # updates, else the detached current ones (then rho is exactly 1)
+            learner_old = (logp.detach() if sb.learner_logprobs is None
+                           else sb.learner_logprobs[idx].to(logp.device))
+            old = learner_old if sb.old_logprobs is None else sb.old_logprobs[idx].to(logp.device)
+            if not several_updates and b.version == policy.version:  # same weights: must agree
+                stats["sampler_logprob_diff"].append(
+                    ((logp.detach().cpu() - b.logprobs(mode)) * b.completion_mask).abs().max().item())
+            ref = sb.ref_logprobs[idx].to(logp.device) if sb.ref_logprobs is not None else None
+            mask = b.completion_mask.to(logp.device) * sb.valid[idx].to(logp.device)[:, None]
+            is_w = None
+            if g.vllm_importance_sampling_correction:  # over the whole trajectory (every segment)
+                is_w = sampler_is_weights(g.vllm_importance_sampling_mode, learner_old, b.logprobs(mode),
+                                          mask, g.vllm_importance_sampling_clip_min,
+                                          g.vllm_importance_sampling_clip_max)
+            if it == 0 and share:
+                gap.add(learner_old, b.logprobs(mode), mask, is_w)
+            adv = sb.advantages[idx].to(logp.device)
+            loss = logp.new_zeros(())
+            for seg, cols in b.segments.items():  # one advantage per trajectory, a loss per segment
+                if cols.stop == cols.start:
+                    continue
+                m = mask[:, cols]
+                w = is_w[:, cols] if is_w is not None and is_w.shape == mask.shape else is_w
+                per_tok, ratio, kl, clipped = grpo_token_loss(
+                    logp[:, cols], old[:, cols], adv, ref[:, cols] if ref is not None else None, g.epsilon,
+                    g.epsilon_high, g.beta, level=g.importance_sampling_level, mask=m, is_weights=w)
+                n_seq, n_tok = counts[seg]
+                norm = LossNorm(n_seq, n_tok, m.shape[1], batch_tokens[seg], steps_per_batch)
+                loss = loss + weights[seg] * aggregate_with(g.loss_type, per_tok, m, norm)
+                parts.append((m, ratio, kl, clipped))
+            return loss
+
+        loss = self.dist.loss(compute) if self.dist is not None else compute()
+        (loss * (share * self.grad_scale)).backward()
+        ratio_dev = None
+        if share:  # a rank without rows of this micro-batch only joined the reduction
+            for m, ratio, kl, clipped in parts:
+                msum = m.sum().clamp(min=1)
+                dev = ((ratio.detach() - 1).abs() * m).max().item()
+                ratio_dev = dev if ratio_dev is None else max(ratio_dev, dev)
+                stats["clip_fraction"].append(((clipped * m).sum() / msum).item())
+                if kl is not None:
+                    stats["kl"].append(((kl.detach() * m).sum() / msum).item())
+        return loss.detach() * share, ratio_dev
 
     @torch.no_grad()
     def prepare_logprobs(self, scored: list[ScoredBatch], mode: str, several_updates: bool, stats: dict):
@@ -206,12 +233,14 @@ class GRPOTrainer(Trainer):
                           for idx in self.micro_batches(batch)])
 
     def micro_batches(self, batch) -> list[list[int]]:
-        """Row indices per micro-batch; per_device_train_batch_size 0 = sized from free GPU memory."""
+        """Row indices per micro-batch; per_device_train_batch_size 0 = sized from free GPU memory. On N
+        learner ranks a micro-batch holds N x per_device_train_batch_size rows, a slice per rank (TRL's
+        meaning of "per device")."""
         size = self.opt.per_device_train_batch_size
         if size == 0:
             size = auto_micro_batch_size(self.policy, len(batch), batch.prompt_ids.shape[1],
                                          self.cfg.rollout.logprob_mode, self.cfg.rollout.cfg_scale)
-        return index_chunks(len(batch), size)
+        return index_chunks(len(batch), size * (self.dist.world if self.dist is not None else 1))
 
 
 def _segment_tokens(sb: ScoredBatch, idx) -> dict[str, float]:

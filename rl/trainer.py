@@ -25,7 +25,8 @@ from ..policies.batches import ScoredBatch
 from ..policies.registry import LoraSpec, PolicySpec, build_policy, detect_family
 from ..rewards.base import RewardMixture, build_mixture
 from ..rollouts.worker import RolloutWorker, Sampling
-from .checkpoint import resume_trainer, save_trainer
+from .checkpoint import latest_checkpoint, resume_trainer, save_trainer
+from .distributed import LEARNER_DIR, LearnerGroup, dcp_restore, train_decoder_weights, trainable_state
 from .evaluate import eval_requests, evaluate_samples
 from .rundir import RunAborted
 
@@ -46,6 +47,10 @@ class Trainer:
     # Evaluate before the first and after the last step even when the section's eval_steps is 0
     # (the preference learners: held-out pair accuracy is their "did it learn" number).
     eval_at_ends = False
+    # Runs on learner.num_workers > 1 ranks (rl/distributed.py): its `update(scored)` takes this
+    # rank's rows through `self.dist` and scales its loss by `self.grad_scale`.
+    data_parallel = False
+    dist = None  # a RankContext on a learner rank; None in the driver / the in-process learner
 
     def __init__(self, cfg, worker_pool=None, policy=None):
         self.prepare_config(cfg)
@@ -56,6 +61,8 @@ class Trainer:
         seed_everything(cfg.seed)
         self.spec = policy_spec(cfg, self.policy_section)
         self.policy = policy or build_policy(self.spec)
+        if cfg.learner.full_finetune:
+            train_decoder_weights(self.policy)
         self.policy.model.train()
         self.optimizer = make_optimizer(self.policy, self.opt)
         self.rewards: RewardMixture | None = build_mixture(cfg.rewards, cfg.reward_combine) if cfg.rewards else None
@@ -64,7 +71,26 @@ class Trainer:
         self.eval_tasks = None  # the tasks `evaluate` samples (None = no sampling evaluation)
         self.step = 0
         self.invalid_streak = 0
+        self.learners = None
         self.setup(worker_pool)
+        if cfg.learner.num_workers > 1:
+            self.learners = LearnerGroup(self)  # the ranks start from this policy's tensors
+
+    @classmethod
+    def for_rank(cls, cfg, spec: PolicySpec, dist):
+        """The learner half of a trainer on one learner rank: seed -> policy (the driver's resolved
+        `spec`) -> DDP / FSDP2 -> optimizer; no rewards, tasks or rollout workers."""
+        self = cls.__new__(cls)
+        self.cfg, self.opt, self.spec, self.dist = cfg, getattr(cfg, cls.section), spec, dist
+        self.run_dir, self.step, self.workers, self.rewards, self.learners = Path(cfg.output_dir), 0, None, None, None
+        seed_everything(cfg.seed)
+        self.policy = build_policy(spec)
+        if cfg.learner.full_finetune:
+            train_decoder_weights(self.policy)
+        self.policy.model.train()
+        dist.wrap(self.policy, cfg.learner)
+        self.optimizer = make_optimizer(self.policy, self.opt)
+        return self
 
     # Config sections the algorithm needs, built with these defaults when a recipe leaves them out.
     default_sections: dict = {}
@@ -92,13 +118,23 @@ class Trainer:
     def max_steps(self) -> int:
         return self.opt.max_steps
 
+    @property
+    def grad_scale(self) -> float:
+        """DDP and FSDP2 average gradients over ranks; each rank's loss is its share of the global one."""
+        return float(self.dist.world) if self.dist is not None else 1.0
+
+    def run_update(self, scored) -> dict:
+        """The update of one rollout batch: in-process, or on the learner ranks (then this policy gets
+        the updated tensors)."""
+        return self.learners.update(self, scored) if self.learners is not None else self.update(scored)
+
     def optimizer_step(self) -> float:
         """Clip the gradient norm (max_grad_norm, 0 = off), step AdamW; returns the norm before clipping."""
         params = self.policy.trainable_parameters()
         limit = self.opt.max_grad_norm if self.opt.max_grad_norm > 0 else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(params, limit)
         self.optimizer.step()
-        return float(norm)
+        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP2: a DTensor
 
     def check_invalid(self, metrics: dict, scored: list[ScoredBatch] = ()):
         """Stop the run (RunAborted, the step's metrics attached so the loop logs them first) when too many
@@ -161,7 +197,13 @@ class Trainer:
         """Restore what `extra_state` saved."""
 
     def save(self):
-        return save_trainer(self, invalid_streak=self.invalid_streak, **self.extra_state())
+        extra = {"invalid_streak": self.invalid_streak, **self.extra_state()}
+        if self.cfg.learner.full_finetune:  # no adapter: the trained tensors themselves
+            extra["weights"] = trainable_state(self.policy)
+        if self.learners is None:
+            return save_trainer(self, **extra)
+        self.learners.pull_optimizer(self)
+        return save_trainer(self, write_extra=lambda tmp: self.learners.save((tmp / LEARNER_DIR).absolute()), **extra)
 
     def resume(self) -> bool:
         state = resume_trainer(self)
@@ -169,11 +211,18 @@ class Trainer:
             return False
         self.invalid_streak = state.get("invalid_streak", 0)
         self.load_extra_state(state)
+        ckpt = latest_checkpoint(self.run_dir)
+        if self.learners is not None:
+            self.learners.restore(self, ckpt)
+        elif (ckpt / LEARNER_DIR).exists():  # a run that had ranks, resumed in-process: their state is the truth
+            dcp_restore(self.policy.model, self.optimizer, ckpt / LEARNER_DIR)
         if self.workers is not None:
             self.workers.sync(self.policy, self.policy.version)
         return True
 
     def close(self):
+        if self.learners is not None:
+            self.learners.close()
         if self.workers is not None:
             self.workers.close()
         if self.rewards is not None:
@@ -213,14 +262,15 @@ def policy_spec(cfg, section: str = "model") -> PolicySpec:
                           gradient_checkpointing=f.gradient_checkpointing, tiny=dict(f.tiny or {}),
                           tiny_dir=f.tiny_dir or default_tiny_dir(cfg, "sd3"), seed=cfg.seed)
     m = cfg.model
+    lora = None if cfg.learner.full_finetune else lora
     family = m.family if m.family != "auto" else (detect_family(m.name_or_path) or "janus")
-    targets = lora.target_modules
+    targets = lora.target_modules if lora else None
     if targets and "," in targets:
         targets = [t.strip() for t in targets.split(",")]
     return PolicySpec(family, m.name_or_path,
                       load={"dtype": m.dtype, "device": m.device, "quantization": m.quantization,
                             "attn_implementation": m.attn_implementation, **m.load_args},
-                      lora=LoraSpec(lora.r, lora.alpha, lora.dropout, targets, lora.init_adapter),
+                      lora=lora and LoraSpec(lora.r, lora.alpha, lora.dropout, targets, lora.init_adapter),
                       gradient_checkpointing=m.gradient_checkpointing, tiny=dict(m.tiny or {}),
                       tiny_dir=m.tiny_dir or default_tiny_dir(cfg, family), seed=cfg.seed)
 

@@ -44,6 +44,12 @@ def validate(cfg: Config):
         raise ConfigError(f"{src.where('rollout.num_generations')}: key 'rollout.num_generations' must be >= {need} "
                           f"for {cfg.algorithm} (it compares the samples of one prompt: with 1 every advantage is 0 "
                           f"and nothing trains), got {cfg.rollout.num_generations}")
+    if cfg.learner.num_workers > 1 and not getattr(trainer, "data_parallel", False):
+        runs = sorted(n for n, t in algos.items() if getattr(t, "data_parallel", False))
+        raise ConfigError(f"{src.where('learner.num_workers')}: key 'learner.num_workers' > 1 is not supported by "
+                          f"{cfg.algorithm} yet (ranks run: {runs}); use learner.num_workers: 1")
+    if cfg.learner.full_finetune:
+        check_full_finetune(cfg, trainer, src)
     families = policy_families()
     if cfg.model.family != "auto" and cfg.model.family not in families:
         raise ConfigError(f"{src.where('model.family')}: key 'model.family' must be `auto` or a registered policy "
@@ -57,6 +63,20 @@ def validate(cfg: Config):
     check_preference_files(cfg, src)
     if section == "model":
         check_prompt_lengths(cfg, src)
+
+
+def check_full_finetune(cfg, trainer, src):
+    """Full fine-tuning keeps no frozen copy of the weights (the KL reference of a LoRA run is the
+    adapter-disabled base) and ships no full weights to Ray rollout actors (they load adapters)."""
+    if getattr(trainer, "policy_section", "model") != "model" or not getattr(trainer, "data_parallel", False):
+        raise ConfigError(f"{src.where('learner.full_finetune')}: key 'learner.full_finetune' is supported by "
+                          f"grpo only, not {cfg.algorithm}")
+    if cfg.grpo.beta != 0:
+        raise ConfigError(f"{src.where('grpo.beta')}: key 'grpo.beta' must be 0 with learner.full_finetune (the KL "
+                          f"reference would be the trained weights themselves), got {cfg.grpo.beta}")
+    if cfg.rollout.num_workers:
+        raise ConfigError(f"{src.where('rollout.num_workers')}: key 'rollout.num_workers' must be 0 with "
+                          f"learner.full_finetune (Ray rollout actors receive adapter tensors only)")
 
 
 def check_rewards(cfg, src):

@@ -49,3 +49,28 @@ def perturb_adapter(policy, scale=0.5, seed=0):
         for name, p in policy.model.named_parameters():
             if "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * scale)
+
+
+@pytest.fixture()
+def two_node_cluster(monkeypatch):
+    """Two Ray nodes on loopback (ray.cluster_utils.Cluster), 1 CPU each, not connected to this process:
+    yields (cluster, worker node); the code under test joins with `ray.address=cluster.address`."""
+    import shutil
+    import tempfile
+
+    import ray._private.utils
+    from ray.cluster_utils import Cluster
+
+    # Cluster records its address in /tmp/ray/ray_current_cluster whatever temp_dir says; the tests pass
+    # the address explicitly, and other Ray users on this machine keep their `ray.init(address="auto")`
+    monkeypatch.setattr(ray._private.utils, "write_ray_address", lambda *a, **k: None)
+    tmp = tempfile.mkdtemp(prefix="ulcl", dir="/tmp")  # short: Ray's socket paths must stay < 107 bytes
+    cluster = Cluster(initialize_head=True, connect=False,
+                      head_node_args={"num_cpus": 1, "temp_dir": tmp, "include_dashboard": False})
+    try:
+        worker = cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        yield cluster, worker
+    finally:
+        cluster.shutdown()
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -416,31 +416,17 @@ def test_interrupted_rollout_job_resumes_without_duplicates(tiny_janus_dir, job_
     assert all((out / r["image"]).exists() for r in records if r["kind"] == "image")
 
 
-def test_rollout_job_runs_across_two_nodes(tiny_janus_dir, job_inputs, reference_job, tmp_path, monkeypatch):
+def test_rollout_job_runs_across_two_nodes(tiny_janus_dir, job_inputs, reference_job, tmp_path, two_node_cluster):
     """Two Ray nodes on loopback (ray.cluster_utils.Cluster); `uniloop rollout` joins with ray.address."""
-    import ray._private.utils
-    from ray.cluster_utils import Cluster
-
-    # Cluster records its address in /tmp/ray/ray_current_cluster whatever temp_dir says; the job gets the
-    # address explicitly, and other Ray users on this machine keep their `ray.init(address="auto")`
-    monkeypatch.setattr(ray._private.utils, "write_ray_address", lambda *a, **k: None)
-    tmp = _short_tmp("ulcl")
-    cluster = Cluster(initialize_head=True, connect=False,
-                      head_node_args={"num_cpus": 1, "temp_dir": tmp, "include_dashboard": False})
-    try:
-        worker = cluster.add_node(num_cpus=1)
-        cluster.wait_for_nodes()
-        out = tmp_path / "job"
-        args = job_overrides(tiny_janus_dir, job_inputs, out) + [
-            "rollout.num_workers=2", "rollout.num_cpus_per_worker=1", f"ray.address={cluster.address}"]
-        env = {**os.environ, "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
-        proc = subprocess.run([sys.executable, "-m", "uniloop.rl.cli", "rollout", JOB_RECIPE, *sets(args)],
-                              env=env, capture_output=True, text=True, timeout=400)
-        assert proc.returncode == 0, proc.stderr[-4000:]
-        records = read_records(out)
-        assert_complete_and_equal(records, reference_job, job_inputs["num_prompts"])
-        # one actor per node (1 CPU each): both nodes produced records
-        assert {r["node_id"] for r in records} == {cluster.head_node.node_id, worker.node_id}
-    finally:
-        cluster.shutdown()
-        shutil.rmtree(tmp, ignore_errors=True)
+    cluster, worker = two_node_cluster
+    out = tmp_path / "job"
+    args = job_overrides(tiny_janus_dir, job_inputs, out) + [
+        "rollout.num_workers=2", "rollout.num_cpus_per_worker=1", f"ray.address={cluster.address}"]
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "uniloop.rl.cli", "rollout", JOB_RECIPE, *sets(args)],
+                          env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    records = read_records(out)
+    assert_complete_and_equal(records, reference_job, job_inputs["num_prompts"])
+    # one actor per node (1 CPU each): both nodes produced records
+    assert {r["node_id"] for r in records} == {cluster.head_node.node_id, worker.node_id}

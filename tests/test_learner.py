@@ -1,0 +1,209 @@
+"""Learner ranks (rl/distributed.py): 2 gloo ranks on a real local Ray make the one-rank update.
+
+Every comparison runs the same recipe twice, learner.num_workers 1 (the in-process learner) and 2
+(Ray actors, DDP or FSDP2), on the tiny real Janus of conftest. Both sample the same batch (same
+seed, same weights), so what differs is only where the update runs. Tolerances: float32 sums split
+over two ranks reorder additions (~1e-7 relative); 1e-6 is the issue's bound on the weights.
+"""
+import json
+import os
+import shutil
+import signal
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ray = pytest.importorskip("ray")
+
+from conftest import perturb_adapter  # noqa: E402
+from test_ray import QUICKSTART, train_overrides  # noqa: E402
+from uniloop.rl.config import load_config  # noqa: E402
+from uniloop.rl.distributed import trainable_state  # noqa: E402
+from uniloop.rl.grpo import GRPOTrainer  # noqa: E402
+from uniloop.rl.loop import train  # noqa: E402
+from uniloop.rl.runlog import read_metrics  # noqa: E402
+
+RANKS = ["learner.num_cpus_per_worker=0.5"]
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    tmp = tempfile.mkdtemp(prefix="ulrl", dir="/tmp")  # short: Ray's socket paths must stay < 107 bytes
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=2, _temp_dir=tmp, include_dashboard=False)
+    yield ray
+    ray.shutdown()
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def perturbed_adapter(tiny_janus_dir, tmp_path_factory):
+    """A LoRA adapter with non-zero A and B (a fresh one has B = 0, so A would get no gradient)."""
+    from uniloop.policies.janus import JanusPolicy
+    policy = JanusPolicy.from_pretrained(tiny_janus_dir)
+    policy.add_lora(r=4, alpha=8, target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|up_proj)")
+    perturb_adapter(policy, scale=0.05, seed=1)
+    path = tmp_path_factory.mktemp("adapter") / "perturbed"
+    policy.save_adapter(path)
+    return path
+
+
+def one_step(cfg):
+    trainer = GRPOTrainer(cfg)
+    try:
+        before = trainable_state(trainer.policy)
+        metrics, scored = trainer.train_step()
+        return before, trainable_state(trainer.policy), metrics, [sb.batch for sb in scored]
+    finally:
+        trainer.close()
+
+
+def assert_same_update(one, two, moved: float):
+    (w0, w1, m1, b1), (v0, w2, m2, b2) = one, two
+    for x, y in zip(b1, b2):  # the same batch was sampled: the comparison is about the update only
+        assert torch.equal(x.answer_ids if x.kind == "text" else x.image_tokens,
+                           y.answer_ids if y.kind == "text" else y.image_tokens)
+    assert set(w1) == set(w2) and all(torch.equal(w0[k], v0[k]) for k in w0)
+    change = max((w1[k] - w0[k]).abs().max().item() for k in w1)
+    diff = max((w1[k] - w2[k]).abs().max().item() for k in w1)
+    assert change > moved, change  # the update did something measurable
+    assert diff < 1e-6, (diff, change)
+    assert abs(m1["loss"] - m2["loss"]) < 1e-6 * max(1.0, abs(m1["loss"]))
+    assert abs(m1["grad_norm"] - m2["grad_norm"]) < 1e-5 * m1["grad_norm"]
+
+
+def test_two_ddp_ranks_make_the_one_rank_adapter_update(ray_local, tiny_janus_dir, perturbed_adapter, tmp_path):
+    # dapo + KL + gradient accumulation: normalisers over the whole optimizer step and the whole rollout
+    # batch; per-device micro-batches of 3 rows with 1 rank are 6-row micro-batches split 3/3 on 2 ranks,
+    # and the text batch (8 rows) ends in a 2-row micro-batch split 1/1.
+    base = train_overrides(tiny_janus_dir, tmp_path / "run") + [
+        f"lora.init_adapter={perturbed_adapter}", "grpo.beta=0.04", "grpo.loss_type=dapo",
+        "grpo.gradient_accumulation_steps=2", "grpo.max_steps=1"]
+    one = one_step(load_config(QUICKSTART, base + ["grpo.per_device_train_batch_size=6",
+                                                   f"output_dir={tmp_path / 'one'}"]))
+    two = one_step(load_config(QUICKSTART, base + RANKS + ["learner.num_workers=2", "grpo.per_device_train_batch_size=3",
+                                                           f"output_dir={tmp_path / 'two'}"]))
+    assert_same_update(one, two, moved=1e-4)
+    assert two[2]["learner/weights_bytes"] > 0
+
+
+def test_two_fsdp_ranks_make_the_one_rank_full_finetuning_update(ray_local, tiny_janus_dir, tmp_path):
+    base = train_overrides(tiny_janus_dir, tmp_path / "run") + [
+        "learner.full_finetune=true", "grpo.loss_type=bnpo", "grpo.learning_rate=1e-4", "grpo.max_steps=1"]
+    one = one_step(load_config(QUICKSTART, base + ["grpo.per_device_train_batch_size=8",
+                                                   f"output_dir={tmp_path / 'one'}"]))
+    two = one_step(load_config(QUICKSTART, base + RANKS + [
+        "learner.num_workers=2", "learner.strategy=fsdp", "grpo.per_device_train_batch_size=4",
+        f"output_dir={tmp_path / 'two'}"]))
+    assert_same_update(one, two, moved=5e-5)
+    assert any("mlp" in k for k in one[1]) and not any("lora" in k for k in one[1])  # every decoder weight trains
+
+
+def rewards(run_dir) -> dict[int, float]:
+    return {r["step"]: r["reward/mean"] for r in read_metrics(Path(run_dir) / "metrics.jsonl") if "reward/mean" in r}
+
+
+def kill_rank_after(run_dir: Path, step: int, rank: int = 1):
+    """A thread that SIGKILLs one learner rank's process once `step` is in the metrics."""
+    def reached() -> bool:
+        try:
+            return max(rewards(run_dir), default=0) >= step
+        except (OSError, ValueError):  # not written yet, or a line being written
+            return False
+
+    def watch():
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            if reached():
+                info = json.loads((run_dir / "learner.json").read_text())
+                os.kill(info["ranks"][rank]["pid"], signal.SIGKILL)
+                return
+            time.sleep(0.05)
+    t = threading.Thread(target=watch, daemon=True)
+    t.start()
+    return t
+
+
+def test_two_ranks_log_the_one_rank_rewards_and_resume_after_a_killed_rank(ray_local, tiny_janus_dir, tmp_path):
+    """10 steps (the issue asks 20; 10 keep this test within the suite's time on 2 cores): 2 ranks log
+    the 1-rank rewards; a rank SIGKILLed mid-run stops the run with a message,
+    and --resume on 2 ranks (from the ranks' DCP files) or on 1 rank (a different rank count) ends with
+    the uninterrupted run's per-step rewards and final adapter."""
+    from safetensors.torch import load_file
+
+    steps = 10
+    base = train_overrides(tiny_janus_dir, tmp_path / "run") + [f"grpo.max_steps={steps}", "logging.save_every=3"]
+    ref_dir = tmp_path / "one"
+    train(load_config(QUICKSTART, base + [f"output_dir={ref_dir}"]), GRPOTrainer)
+    ref = rewards(ref_dir)
+    assert sorted(ref) == list(range(1, steps + 1)) and len(set(ref.values())) > steps // 2  # the rewards move
+
+    run_dir = tmp_path / "two"
+    two = base + RANKS + ["learner.num_workers=2", "grpo.per_device_train_batch_size=32"]
+    watcher = kill_rank_after(run_dir, 4)
+    with pytest.raises(RuntimeError, match="learner rank died.*--resume"):
+        train(load_config(QUICKSTART, two + [f"output_dir={run_dir}"]), GRPOTrainer)
+    watcher.join(timeout=5)
+    done = rewards(run_dir)
+    assert 4 <= max(done) < steps and all(done[s] == ref[s] for s in done)
+    one_dir = tmp_path / "two_then_one"
+    shutil.copytree(run_dir, one_dir)
+    train(load_config(QUICKSTART, two + [f"output_dir={run_dir}"]), GRPOTrainer, resume=True)
+    train(load_config(QUICKSTART, base + [f"output_dir={one_dir}"]), GRPOTrainer, resume=True,
+          allow_config_change=True)
+    def final(d):
+        return load_file(str(d / "checkpoints" / f"step_{steps:06d}" / "adapter" / "adapter_model.safetensors"))
+    want = final(ref_dir)
+    for d in (run_dir, one_dir):
+        assert rewards(d) == ref, d.name
+        assert (d / "checkpoints" / f"step_{steps:06d}" / "learner").exists() == (d == run_dir)
+        got = final(d)
+        assert max((got[k] - want[k]).abs().max().item() for k in want) < 1e-6, d.name
+
+
+def test_two_ranks_on_a_two_node_cluster_put_one_rank_on_each_node(tiny_janus_dir, tmp_path, two_node_cluster):
+    """`uniloop train --set learner.num_workers=2` against two Ray nodes (1 CPU each): STRICT_SPREAD
+    places rank 0 and rank 1 on different nodes, and the step trains."""
+    import subprocess
+    import sys
+
+    cluster, worker = two_node_cluster
+    out = tmp_path / "run"
+    args = train_overrides(tiny_janus_dir, out) + [
+        "grpo.max_steps=1", "learner.num_workers=2", "learner.num_cpus_per_worker=1",
+        "learner.placement_strategy=STRICT_SPREAD", f"ray.address={cluster.address}"]
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+    sets = [x for a in args for x in ("--set", a)]
+    proc = subprocess.run([sys.executable, "-m", "uniloop.rl.cli", "train", QUICKSTART, *sets], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ranks = json.loads((out / "learner.json").read_text())["ranks"]
+    assert [r["rank"] for r in ranks] == [0, 1]
+    assert {r["node_id"] for r in ranks} == {cluster.head_node.node_id, worker.node_id}
+    assert rewards(out).keys() == {1}
+
+
+@pytest.mark.parametrize("sets, key", [
+    (["learner.mixed_precision=bf16"], "learner.mixed_precision"),
+    (["learner.cpu_offload=true"], "learner.cpu_offload"),
+    (["learner.num_workers=0"], "learner.num_workers"),
+    (["learner.strategy=zero3"], "learner.strategy"),
+    (["learner.num_workers=2", "algorithm=dpo"], "learner.num_workers"),
+    (["learner.full_finetune=true", "grpo.beta=0.04"], "grpo.beta"),
+    (["learner.full_finetune=true", "rollout.num_workers=2"], "rollout.num_workers"),
+])
+def test_bad_learner_settings_exit_2_naming_the_key_before_any_model_loads(sets, key, tmp_path, capsys):
+    from uniloop.rl.cli import main
+    args = ["train", QUICKSTART, "--set", f"output_dir={tmp_path / 'run'}", "--set", "model.name_or_path=tiny",
+            "--set", f"model.tiny_dir={tmp_path / 'never_built'}"]
+    for s in sets:
+        args += ["--set", s]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"'{key}" in err[0], err
+    assert not (tmp_path / "never_built").exists()
