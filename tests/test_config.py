@@ -11,7 +11,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_quickstart_loads_and_roundtrips(tmp_path):
     cfg = load_config(REPO / "configs" / "quickstart.yaml")
     assert isinstance(cfg, Config) and cfg.algorithm == "grpo"
-    assert [r.name for r in cfg.rewards] == ["color", "self_understanding", "exact_match"]
+    assert [r.name for r in cfg.rewards] == ["color", "self_understanding", "exact_match", "color_accuracy"]
     save_config(cfg, tmp_path / "resolved.yaml")
     assert load_config(tmp_path / "resolved.yaml") == cfg
 
