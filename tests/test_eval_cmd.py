@@ -76,7 +76,7 @@ def test_same_seeds_same_samples_and_the_checkpoint_differs(evaluations):
 def test_table_summary_and_gallery_agree_with_the_samples(evaluations):
     out = evaluations["C"]
     s = load(out)
-    assert s["rewards"] == ["color", "self_understanding", "exact_match"]
+    assert s["rewards"] == ["color", "self_understanding", "exact_match", "color_accuracy"]
     assert s["settings"]["samples_per_prompt"] == 2 and s["settings"]["seed_step"] == 10 ** 9
     for name, kind in [("color", "image"), ("self_understanding", "image"), ("exact_match", "text")]:
         vals = [x[name] for x in s["samples"] if x["kind"] == kind and x[name] is not None]

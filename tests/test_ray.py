@@ -49,7 +49,7 @@ def train_overrides(model_dir, out) -> list[str]:
             "rollout.num_generations=4", "rollout.cfg_scale=3.0", "rollout.temperature=1.0", "rollout.top_k=0",
             "rollout.max_new_tokens=2", "rollout.logprob_mode=cfg", "rollout.batch_size=64",
             "rollout.num_workers=0", "rollout.one_step_off=false", "rollout.num_cpus_per_worker=0.5",
-            "grpo.learning_rate=3e-3", "grpo.beta=0.0", "grpo.num_iterations=1",
+            "grpo.learning_rate=3e-3", "grpo.beta=0.0", "grpo.num_iterations=1", "grpo.eval_steps=0",
             "grpo.per_device_train_batch_size=64", "grpo.gradient_accumulation_steps=1", "grpo.max_steps=3",
             "image_task.prompts=[a red image, a green image, a blue image]", "image_task.prompts_file=null",
             "image_task.prompts_per_step=3", "text_task.synthetic_colors=[red, green]",

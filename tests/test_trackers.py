@@ -23,7 +23,7 @@ def short_run(tmp_path, tiny_janus_dir, tracker: str):
     cfg = load_config(REPO / "configs" / "quickstart.yaml", [
         f"output_dir={out}", f"model.name_or_path={tiny_janus_dir}", "text_task=null",
         "rewards=[{name: color, weight: 1.0}]", "rollout.num_generations=2", "image_task.prompts_per_step=1",
-        "logging.progress_bar=false", "grpo.max_steps=2", "logging.image_grid_every=1",
+        "logging.progress_bar=false", "grpo.max_steps=2", "logging.image_grid_every=1", "grpo.eval_steps=0",
         f"logging.report_to=[{tracker}]", "logging.run_name=quick"])
     get_algorithm("grpo")(cfg)
     rows = read_metrics(out / "metrics.jsonl")
