@@ -335,6 +335,7 @@ def test_online_dpo_learns_to_make_the_named_color(tiny_janus_dir, tmp_path):
         f"output_dir={tmp_path / 'run'}", f"model.tiny_dir={tiny_janus_dir}", "seed=0",
         "image_task.prompts=[a red image]", "image_task.prompts_per_step=1", "rollout.num_generations=16",
         "rollout.cfg_scale=1.0", "dpo.online_pairs_per_prompt=4", "dpo.online_updates=2", "dpo.max_steps=16",
+        "dpo.learning_rate=3e-3",
         "dpo.eval_steps=16", "dpo.eval_samples_per_prompt=16", "logging.progress_bar=false",
         "logging.tensorboard=false", "logging.image_grid_every=0", "logging.save_every=0"])
     summary = get_algorithm("online_dpo")(cfg, resume=False)
