@@ -46,14 +46,16 @@ PUNCT = ["?", ".", ",", ":", "!"]
 
 TINY_DEFAULTS = dict(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128,
                      image_size=32, patch_size=8, vision_hidden=32, vq_fit_steps=300, init_scale=1.0,
-                     extra_words=(), tie_word_embeddings=True)
+                     extra_words=(), tie_word_embeddings=False, input_recall_steps=50)
 
 # Words the reasoning quickstart's indirect prompts need ("an image the color of a ripe banana").
 # They are an option (`model.tiny.extra_words`), not part of WORDS: a bigger vocabulary changes the
-# random init of every tiny model, so the default tiny model (and every figure measured on it) stays.
-# `tie_word_embeddings: false` gives the text head its own unit-std weights: a tied random head mostly
-# repeats the last input token (":" of "<|Assistant|>:", p ~ 0.998), so text sampled with no image
-# (a plan) would never explore; untied, the first plan token starts near uniform over the vocabulary.
+# random init of every tiny model, so the default one is left as it is.
+# `tie_word_embeddings: false` (the default) gives the text head its own unit-std
+# weights. A tied random head mostly repeats an input token (":" of "<|Assistant|>:", p ~ 0.998; or
+# "is" at p 1.00 for a green image on seed 7), so an answer or a plan never samples the right word
+# and its GRPO groups stay flat; untied, the first answer token starts near uniform over the
+# vocabulary (p(right color) 0.003-0.19 on seeds 0 and 7) and the understanding task learns every color.
 REASONING_WORDS = ("ripe banana clear sky fresh grass tomato snow coal lemon night ocean leaf fire "
                    "milk ink lime blood sun daytime think plan so").split()
 
@@ -171,6 +173,8 @@ def build_tiny_janus(path: str | os.PathLike, seed: int = 0, **overrides) -> Pat
     processor = JanusProcessor(
         image_processor=JanusImageProcessor(size={"height": spec["image_size"], "width": spec["image_size"]}),
         tokenizer=tokenizer, chat_template=CHAT_TEMPLATE, num_image_tokens=n_img)
+    with torch.random.fork_rng():
+        fit_input_recall(model, processor, spec["input_recall_steps"], seed=seed, n_img=n_img)
 
     return publish_build(path, "uniloop_tiny.json", spec, model, processor)
 
@@ -190,6 +194,77 @@ def _scale_output_heads(model, hidden: int):
         model.model.generation_embeddings.weight.normal_(0, 1.0)
         if not model.config.tie_word_embeddings:
             model.lm_head.weight.normal_(0, hidden ** -0.5)
+
+
+def fit_input_recall(model, processor, steps: int, seed: int = 0, n_img: int = 16):
+    """Make the tiny language model carry what it was shown to the positions that answer.
+
+    A pretrained Janus attends to what the prompt says and what the image shows; a random 2-layer
+    model mostly averages its attention over the ~12 template tokens, so at the position that
+    predicts the first image token (and at every later one) "a red image" and "a yellow image" can
+    be 0.93-0.95 cosine-similar (tiny seeds 3 and 7). An adapter then moves such prompts together:
+    their GRPO updates add up and both drift to the color between them (lime for green + yellow).
+
+    So the decoder layers are fitted for `steps` Adam steps, with throwaway linear probes, to
+    (1) read the word w of the generation prompt "a w image" from the hidden state at the last
+    prompt position and at each following one (random image tokens as input), and (2) read which of
+    the 64 solid palette images an understanding question was asked about from its last position.
+    The probes are discarded. Nothing maps inputs to outputs: the generation and text heads, the
+    embeddings, the vision tower and the VQ model are untouched, so which image a prompt asks for
+    and which word answers a question must still be learned; the inputs only become as
+    distinguishable as they are to a pretrained model. (Recall of the prompt alone made the
+    understanding side ignore its image: the image recall keeps it looking.)
+    """
+    if steps <= 0:
+        return
+    from .sampling import positions_from_mask
+
+    tok = processor.tokenizer
+    words = [w for w in tok.get_vocab() if w.isalpha()]
+    chat = lambda text, image: processor.apply_chat_template(  # noqa: E731
+        [{"role": "user", "content": ([{"type": "image"}] if image else []) + [{"type": "text", "text": text}]}],
+        add_generation_prompt=True, tokenize=False)
+    gen = processor(text=[chat(f"a {w} image", False) for w in words], generation_mode="image", padding=True,
+                    return_tensors="pt")
+    word_ids = torch.tensor(tok.convert_tokens_to_ids(words))
+    pal = palette()
+    size = processor.image_processor.size["height"]
+    pix = [(c * 255).round().to(torch.uint8)[:, None, None].expand(3, size, size) for c in pal]
+    questions = ["What color is this image? Answer in one word.", "What is this image?"]
+    und = [processor(text=[chat(q, True)] * len(pal), images=pix, padding=True, return_tensors="pt")
+           for q in questions]
+    lm = model.model.language_model
+    params = [p for n, p in lm.named_parameters() if not n.startswith("embed_tokens")]
+    torch.manual_seed(seed)
+    word_probe = torch.nn.Linear(lm.config.hidden_size, len(tok))
+    image_probe = torch.nn.Linear(lm.config.hidden_size, len(pal))
+    opt = torch.optim.Adam(params + list(word_probe.parameters()) + list(image_probe.parameters()), lr=3e-3)
+    g = torch.Generator().manual_seed(seed)
+    ce = torch.nn.functional.cross_entropy
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matmuls: one thread is as fast, and far faster on a loaded machine
+    try:
+        with torch.enable_grad():
+            for _ in range(steps):
+                image = torch.randint(0, len(pal), (len(words), n_img - 1), generator=g)
+                embeds = torch.cat([lm.embed_tokens(gen["input_ids"]),
+                                    model.prepare_embeddings_for_image_generation(image)], 1)
+                mask = torch.cat([gen["attention_mask"], torch.ones_like(image)], 1)
+                hidden = lm(inputs_embeds=embeds, attention_mask=mask,
+                            position_ids=positions_from_mask(mask)).last_hidden_state
+                logits = word_probe(hidden[:, gen["input_ids"].shape[1] - 1:])
+                loss = ce(logits.flatten(0, 1), word_ids.repeat_interleave(n_img))
+                for enc in und:
+                    out = model.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                                      pixel_values=enc["pixel_values"],
+                                      position_ids=positions_from_mask(enc["attention_mask"]), use_cache=False)
+                    loss = loss + ce(image_probe(out.last_hidden_state[:, -1]), torch.arange(len(pal)))
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+    finally:
+        torch.set_num_threads(threads)
+    model.zero_grad(set_to_none=True)
 
 
 def palette() -> torch.Tensor:

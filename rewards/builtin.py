@@ -26,14 +26,26 @@ def named_color(text: str) -> str | None:
 class ColorReward(Reward):
     """How close the image's pixels are to the color named in the prompt (or in `targets`).
 
-    score = 1 - mean_pixels ||pixel - target|| / sqrt(3), in [0, 1]; a prompt naming no known
-    color is invalid (excluded), not 0.
+    Default (`contrast_temperature: null`): score = 1 - mean_pixels ||pixel - target|| / sqrt(3), in
+    [0, 1]. This gives partial credit to a wrong color that lies between targets: yellow scores 0.42
+    for both "red" and "green", so a policy that tells prompts apart poorly earns most reward by
+    drawing yellow for both (the quickstart's collapse, see README).
+
+    `contrast_temperature: t`: score = mean over pixels of softmax_c(-||pixel - c|| / t) at the
+    target, c over all the reward's colors: the probability that the pixel shows the target rather
+    than another named color. A compromise color then scores about 0 for every prompt, so only
+    drawing each prompt's own color pays. A prompt naming no known color is invalid (excluded), not 0.
     """
 
     modalities = ("image",)
 
-    def __init__(self, colors: dict[str, list[float]] | None = None):
+    def __init__(self, colors: dict[str, list[float]] | None = None, contrast_temperature: float | None = None):
         self.colors = {k: tuple(v) for k, v in (colors or COLORS).items()}
+        if contrast_temperature is not None and not contrast_temperature > 0:
+            raise ValueError(f"contrast_temperature must be > 0 or null, got {contrast_temperature!r}")
+        self.contrast_temperature = contrast_temperature
+        self._names = list(self.colors)
+        self._table = torch.tensor([self.colors[n] for n in self._names], dtype=torch.float32)
 
     def score(self, batch, context: RewardContext) -> RewardOutput:
         scores = torch.full((len(batch),), float("nan"))
@@ -41,9 +53,14 @@ class ColorReward(Reward):
             name = batch.targets[i] if batch.targets and batch.targets[i] else named_color(prompt)
             if name not in self.colors:
                 continue
-            target = torch.tensor(self.colors[name], dtype=torch.float32)
-            dist = (batch.images[i].float() - target).norm(dim=-1).mean()
-            scores[i] = 1 - dist / 3 ** 0.5
+            pixels = batch.images[i].float().reshape(-1, 3)
+            if self.contrast_temperature is None:
+                target = torch.tensor(self.colors[name], dtype=torch.float32)
+                scores[i] = 1 - (pixels - target).norm(dim=-1).mean() / 3 ** 0.5
+            else:
+                dist = torch.cdist(pixels, self._table)  # (pixels, colors)
+                prob = torch.softmax(-dist / self.contrast_temperature, dim=-1)
+                scores[i] = prob[:, self._names.index(name)].mean()
         return RewardOutput.from_scores(scores)
 
 

@@ -1,6 +1,7 @@
 """Tasks: where each step's prompts come from (prompt -> image, and image + question -> answer)."""
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -14,6 +15,27 @@ from ..rollouts.worker import RolloutRequest
 def _step_generator(seed: int, step: int, salt: int) -> torch.Generator:
     # Prompt choice depends on (seed, step) only, so a resumed run draws what the original would have.
     return torch.Generator().manual_seed((seed * 1_000_003 + step * 7919 + salt) % (2 ** 63))
+
+
+def step_indices(n: int, per_step: int, seed: int, step: int, salt: int) -> list[int]:
+    """The items of `step`: consecutive `per_step` items of a stream of shuffled passes over all n.
+
+    Like a shuffling DataLoader (each pass a fresh permutation, seeded by (seed, pass)): within a pass
+    no item repeats, so `per_step == n` shows every item every step, and over the run every item is
+    drawn equally often. Drawing with replacement (the earlier randint) showed on average 2.7 of 4
+    prompts per step, and one color could go unseen for several steps while the others' updates moved
+    it. Depends on (seed, step) only, so a resumed run draws what the original would have.
+    """
+    out = []
+    for pos in range(step * per_step, (step + 1) * per_step):
+        epoch, k = divmod(pos, n)
+        out.append(_pass_order(n, seed, epoch, salt)[k])
+    return out
+
+
+@functools.lru_cache(maxsize=8)
+def _pass_order(n: int, seed: int, epoch: int, salt: int) -> tuple:
+    return tuple(torch.randperm(n, generator=_step_generator(seed, epoch, salt)).tolist())
 
 
 def read_prompts(path: str) -> list[str]:
@@ -48,7 +70,7 @@ def read_prompt_records(path: str) -> list[tuple[str, str]]:
 
 
 class ImageTask:
-    """prompt -> image: each step draws `prompts_per_step` of the prompts (seeded by (seed, step))."""
+    """prompt -> image: each step takes the next `prompts_per_step` prompts of shuffled passes (step_indices)."""
 
     kind = "image"
 
@@ -68,7 +90,7 @@ class ImageTask:
         return cls(list(cfg.prompts) + [p for p, _ in records], cfg.prompts_per_step, seed, targets)
 
     def request(self, step: int, num_generations: int) -> RolloutRequest:
-        idx = torch.randint(len(self.prompts), (self.per_step,), generator=_step_generator(self.seed, step, 1)).tolist()
+        idx = step_indices(len(self.prompts), self.per_step, self.seed, step, salt=1)
         return RolloutRequest("image", [self.prompts[i] for i in idx], num_generations, step,
                               targets=[self.targets[i] for i in idx])
 
@@ -89,7 +111,7 @@ class TextTask:
         self.per_step, self.seed = cfg.prompts_per_step, seed
 
     def request(self, step: int, num_generations: int) -> RolloutRequest:
-        idx = torch.randint(len(self.items), (self.per_step,), generator=_step_generator(self.seed, step, 2)).tolist()
+        idx = step_indices(len(self.items), self.per_step, self.seed, step, salt=2)
         return RolloutRequest("text", [self.items[i][1] for i in idx], num_generations, step,
                               targets=[self.items[i][2] for i in idx],
                               images=torch.stack([self.items[i][0] for i in idx]))
