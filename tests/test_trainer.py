@@ -203,9 +203,9 @@ def tiny_janus_seeds(tmp_path_factory, tiny_janus_dir):
 
 def test_grpo_learns_the_color_task_on_three_seeds(tmp_path, tiny_janus_seeds):
     """The quickstart's generation side, 60 steps, on three seeds (each with its own tiny model): the
-    fixed-seed evaluation's color reward rises on every seed and for most prompts (measured, seeds 0/1/2:
-    0.43 -> 0.62,
-    0.43 -> 0.57, 0.43 -> 0.61; the margins below are a third of the smallest gain).."""
+    fixed-seed evaluation's color reward rises on every seed and every prompt ends on its own color
+    (measured, seeds 0/1/2: contrastive color 0.12 -> 0.52, 0.11 -> 0.58, 0.12 -> 0.60; nearest-color
+    accuracy 1.00 for all four prompts on each; the margins below leave room for any CPU's rounding)."""
     def run(name, seed, steps, *extra):
         cfg = load_config(REPO / "configs" / "quickstart.yaml", [
             f"output_dir={tmp_path / name}", f"model.name_or_path={tiny_janus_seeds[seed]}", f"seed={seed}",
@@ -219,10 +219,10 @@ def test_grpo_learns_the_color_task_on_three_seeds(tmp_path, tiny_janus_seeds):
     for seed in (0, 1, 2):
         summary, rows = run(f"run{seed}", seed, 60, "grpo.eval_steps=30", "grpo.eval_samples_per_prompt=8")
         ev = summary["eval/reward/color/mean"]
-        assert (ev["initial_step"], ev["final_step"]) == (0, 60) and ev["final"] > ev["initial"] + 0.05, (seed, ev)
+        assert (ev["initial_step"], ev["final_step"]) == (0, 60) and ev["final"] > ev["initial"] + 0.15, (seed, ev)
         per_prompt = summary["per_prompt"]["prompts"]
-        gains = [v["color"]["final"] - v["color"]["initial"] for v in per_prompt.values()]
-        assert len(gains) == 4 and sum(g > 0 for g in gains) >= 3, (seed, gains)
+        accuracy = {k: v["color_accuracy"]["final"] for k, v in per_prompt.items()}
+        assert len(accuracy) == 4 and min(accuracy.values()) >= 0.75, (seed, accuracy)
         assert sorted(s for s, r in rows.items() if "eval/reward/color/mean" in r) == [0, 30, 60]
         if seed == 0:
             # evaluating draws nothing from the training randomness: without it the first steps sample the
