@@ -52,10 +52,11 @@ class ImageTask:
 
     kind = "image"
 
-    def __init__(self, prompts: list[str], prompts_per_step: int, seed: int, targets: list[str] | None = None):
+    def __init__(self, prompts: list[str], prompts_per_step: int, seed: int, targets: list[str] | None = None,
+                 order: str = "random"):
         if not prompts:
             raise ValueError("image_task needs `prompts` or `prompts_file`")
-        self.prompts, self.per_step, self.seed = list(prompts), prompts_per_step, seed
+        self.prompts, self.per_step, self.seed, self.order = list(prompts), prompts_per_step, seed, order
         # a prompt's ground truth: given, else the color it names (the synthetic task), else none
         given = list(targets or [""] * len(prompts))
         self.targets = [t or named_color(p) or "" for p, t in zip(self.prompts, given)]
@@ -65,10 +66,15 @@ class ImageTask:
         """From an `image_task` section: its prompts (and targets), then those of its prompts_file."""
         records = read_prompt_records(cfg.prompts_file) if cfg.prompts_file else []
         targets = list(cfg.targets or [""] * len(cfg.prompts)) + [t for _, t in records]
-        return cls(list(cfg.prompts) + [p for p, _ in records], cfg.prompts_per_step, seed, targets)
+        return cls(list(cfg.prompts) + [p for p, _ in records], cfg.prompts_per_step, seed, targets,
+                   getattr(cfg, "order", "random"))
 
     def request(self, step: int, num_generations: int) -> RolloutRequest:
-        idx = torch.randint(len(self.prompts), (self.per_step,), generator=_step_generator(self.seed, step, 1)).tolist()
+        n = len(self.prompts)
+        if self.order == "cycle":  # step 1 starts at the first prompt; a resumed run continues the cycle
+            idx = [((step - 1) * self.per_step + j) % n for j in range(self.per_step)]
+        else:
+            idx = torch.randint(n, (self.per_step,), generator=_step_generator(self.seed, step, 1)).tolist()
         return RolloutRequest("image", [self.prompts[i] for i in idx], num_generations, step,
                               targets=[self.targets[i] for i in idx])
 
