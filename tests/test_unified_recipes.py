@@ -152,3 +152,53 @@ def test_embedding_similarity_is_a_clamped_cosine(fast_janus_dir):
     want = torch.nn.functional.cosine_similarity(emb.weight[tok.convert_tokens_to_ids("red")].detach(),
                                                  emb.weight[tok.convert_tokens_to_ids("blue")].detach(), dim=0)
     assert sims[1].item() == pytest.approx(max(want.item(), 0.0), abs=1e-5)
+
+
+def unirl_cfg(tmp_path, model_dir, *extra):
+    from pathlib import Path
+
+    from uniloop.rl.config import load_config
+    return load_config(Path(__file__).resolve().parents[1] / "configs" / "unirl_quickstart.yaml", [
+        f"output_dir={tmp_path / 'run'}", f"model.name_or_path={model_dir}", "rollout.num_generations=4",
+        "image_task.prompts=[a red image, a blue image]", "image_task.prompts_per_step=2", "unirl.num_generations=3",
+        "logging.progress_bar=false", "logging.tensorboard=false", "grpo.max_steps=2", "grpo.eval_steps=0", *extra])
+
+
+def test_unirl_step_asks_about_its_own_images_and_trains_both(tmp_path, fast_janus_dir):
+    from uniloop.policies.batches import TextRollout
+    from uniloop.rl.grpo import GRPOTrainer
+
+    tr = GRPOTrainer(unirl_cfg(tmp_path, fast_janus_dir, "unirl.pair_similarity=data",
+                               "unirl.similarities=[1.0, 0.5]", "unirl.eval_colors=[red, blue]"))
+    lora = {n: p for n, p in tr.policy.model.named_parameters() if "lora_B" in n}
+    metrics, scored = tr.train_step()
+    gen, und = scored
+    assert gen.batch.kind == "image" and isinstance(und.batch, TextRollout)
+    # 2 questions per prompt group (the group's first 2 images), each answered 3 times
+    rows = [0, 1, 4, 5]
+    assert len(und.batch) == 12 and metrics["unirl/questions"] == 4
+    assert torch.allclose(und.batch.images[::3], gen.batch.images[rows])
+    assert und.batch.targets[::3] == ["red", "red", "blue", "blue"]
+    assert und.batch.prompts[0] == "What color is this image? Answer in one word."
+    # exact_match scores the answers against the image prompt's target
+    want = [float(a.strip().lower() == t) for a, t in zip(und.batch.answers, und.batch.targets)]
+    assert und.components["exact_match"].scores.tolist() == want
+    assert "reward/exact_match/mean" in metrics and "reward/color/mean" in metrics
+    assert metrics["unirl/pair_similarity/mean"] == pytest.approx(0.75)
+    assert any(p.abs().sum() > 0 for p in lora.values()), "the shared adapter must have been updated"
+    # the held-out understanding check: solid images of eval_colors, beside the image prompts
+    assert [t.kind for t in tr.eval_tasks] == ["image", "text"] and len(tr.eval_tasks[1].items) == 2
+
+
+def test_bad_unirl_config_names_the_key(tmp_path):
+    from uniloop.rl.config_loader import ConfigError
+    from uniloop.rl.validate import check_unirl
+    from uniloop.rl.config_loader import source_of
+
+    for extra, key in ((["unirl.eval_colors=[purple]"], "unirl.eval_colors"),
+                       (["unirl.pair_similarity=data", "unirl.similarities=[1.0]"], "unirl.similarities"),
+                       (["unirl.similarities=[1.5, 0.2]"], "unirl.similarities"),
+                       (["image_task=null"], "unirl")):
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            cfg = unirl_cfg(tmp_path, "tiny", *extra)
+            check_unirl(cfg, source_of(cfg))
