@@ -202,3 +202,17 @@ def test_bad_unirl_config_names_the_key(tmp_path):
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             cfg = unirl_cfg(tmp_path, "tiny", *extra)
             check_unirl(cfg, source_of(cfg))
+
+
+def test_image_task_cycle_order_takes_every_prompt_every_step():
+    from uniloop.rl.tasks import ImageTask
+
+    prompts = ["a red image", "a green image", "a blue image", "a yellow image"]
+    cycle = ImageTask(prompts, 4, seed=0, order="cycle")
+    for step in (1, 2, 7):
+        assert cycle.request(step, 2).prompts == prompts
+    three = ImageTask(prompts, 3, seed=0, order="cycle")  # steps continue where the last one stopped
+    assert three.request(1, 2).prompts + three.request(2, 2).prompts == prompts + prompts[:2]
+    # random draws with replacement: some step of the first 20 leaves a prompt out
+    rand = ImageTask(prompts, 4, seed=0)
+    assert any(set(rand.request(s, 2).prompts) != set(prompts) for s in range(1, 21))
