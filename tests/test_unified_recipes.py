@@ -191,9 +191,8 @@ def test_unirl_step_asks_about_its_own_images_and_trains_both(tmp_path, fast_jan
 
 
 def test_bad_unirl_config_names_the_key(tmp_path):
-    from uniloop.rl.config_loader import ConfigError
+    from uniloop.rl.config_loader import ConfigError, source_of
     from uniloop.rl.validate import check_unirl
-    from uniloop.rl.config_loader import source_of
 
     for extra, key in ((["unirl.eval_colors=[purple]"], "unirl.eval_colors"),
                        (["unirl.pair_similarity=data", "unirl.similarities=[1.0]"], "unirl.similarities"),
