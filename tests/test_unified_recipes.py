@@ -181,7 +181,8 @@ def test_unirl_step_asks_about_its_own_images_and_trains_both(tmp_path, fast_jan
     assert und.batch.targets[::3] == ["red", "red", "blue", "blue"]
     assert und.batch.prompts[0] == "What color is this image? Answer in one word."
     # exact_match scores the answers against the image prompt's target
-    want = [float(a.strip().lower() == t) for a, t in zip(und.batch.answers, und.batch.targets)]
+    from uniloop.rewards.builtin import normalize_answer
+    want = [float(normalize_answer(a) == t) for a, t in zip(und.batch.answers, und.batch.targets)]
     assert und.components["exact_match"].scores.tolist() == want
     assert "reward/exact_match/mean" in metrics and "reward/color/mean" in metrics
     assert metrics["unirl/pair_similarity/mean"] == pytest.approx(0.75)
