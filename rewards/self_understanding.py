@@ -11,6 +11,7 @@ Two rewards:
 from __future__ import annotations
 
 import json
+import math
 import re
 from contextlib import nullcontext
 
@@ -58,6 +59,12 @@ class SelfUnderstandingReward(Reward):
     `object_question` once per phrase `extract_objects` finds and averages the answers.
     questions_file: a JSONL file of {"prompt": ..., "questions": [...]} that overrides both for
     the prompts it lists (hand-written or LLM-written questions, TIFA/DSG style).
+
+    SRUM's local rewards: `regions: [rows, cols]` also asks the questions about every cell of a
+    grid, and `regions_file` (JSONL {"prompt": ..., "regions": [{"box": [x0, y0, x1, y1], "question":
+    ...}]}, box corners as fractions of width and height) asks each listed box its own question for
+    that prompt. A region is cropped and resized to the image's size before it is asked. The score is
+    then global_weight * global + local_weight * mean(local); details hold both parts.
     """
 
     modalities = ("image",)
@@ -66,8 +73,15 @@ class SelfUnderstandingReward(Reward):
     def __init__(self, question: str = "Does this image show {prompt}? Answer yes or no.",
                  judge: str = "reference", batch_size: int = 32, questions: str = "prompt",
                  object_question: str = "Does this image show {object}? Answer yes or no.",
-                 questions_file: str | None = None):
+                 questions_file: str | None = None, regions: list[int] | None = None,
+                 regions_file: str | None = None, global_weight: float = 1.0, local_weight: float = 0.0):
         _check_who("judge", judge)
+        if regions is not None and (len(regions) != 2 or min(regions) < 1):
+            raise ValueError(f"regions must be [rows, cols] of positive integers, got {regions!r}")
+        if local_weight and regions is None and regions_file is None:
+            raise ValueError("local_weight needs regions ([rows, cols]) or a regions_file")
+        self.grid, self.global_weight, self.local_weight = regions, global_weight, local_weight
+        self.boxes = load_regions_file(regions_file) if regions_file else {}
         if "{prompt}" not in question:
             raise ValueError("question must contain '{prompt}'")
         if questions not in ("prompt", "objects"):
@@ -85,6 +99,26 @@ class SelfUnderstandingReward(Reward):
             return [self.object_question.format(object=o) for o in extract_objects(prompt)]
         return [self.question.format(prompt=prompt)]
 
+    def regions_for(self, prompt: str) -> list[tuple[tuple[float, float, float, float], list[str]]]:
+        """(box, questions) per local region of a prompt: its regions_file boxes, else the grid's cells."""
+        if prompt in self.boxes:
+            return self.boxes[prompt]
+        if self.grid is None:
+            return []
+        rows, cols = self.grid
+        return [((c / cols, r / rows, (c + 1) / cols, (r + 1) / rows), self.questions_for(prompt))
+                for r in range(rows) for c in range(cols)]
+
+    def ask(self, policy, images: torch.Tensor, owner: list[int], qs: list[str], n: int) -> torch.Tensor:
+        """Mean yes-probability per owner (n owners) of (images[k], qs[k])."""
+        idx, out = torch.tensor(owner), []
+        with _judge_context(policy, self.judge):
+            for i in range(0, len(qs), self.batch_size):
+                out.append(policy.yes_probability(images[i:i + self.batch_size], qs[i:i + self.batch_size]).float().cpu())
+        probs = torch.cat(out)
+        sums = torch.zeros(n).index_add_(0, idx, probs)
+        return sums / torch.zeros(n).index_add_(0, idx, torch.ones_like(probs))
+
     @torch.no_grad()
     def score(self, batch, context: RewardContext) -> RewardOutput:
         policy = context.policy
@@ -95,16 +129,63 @@ class SelfUnderstandingReward(Reward):
             for q in self.questions_for(p):
                 owner.append(i)
                 qs.append(q)
-        idx = torch.tensor(owner)
-        images = batch.images[idx]
-        out = []
-        with _judge_context(policy, self.judge):
-            for i in range(0, len(qs), self.batch_size):
-                out.append(policy.yes_probability(images[i:i + self.batch_size], qs[i:i + self.batch_size]).float().cpu())
-        probs = torch.cat(out)
-        sums = torch.zeros(len(batch)).index_add_(0, idx, probs)
-        counts = torch.zeros(len(batch)).index_add_(0, idx, torch.ones_like(probs))
-        return RewardOutput.from_scores(sums / counts, {"questions": [self.questions_for(p) for p in batch.prompts]})
+        whole = self.ask(policy, batch.images[torch.tensor(owner)], owner, qs, len(batch))
+        details = {"questions": [self.questions_for(p) for p in batch.prompts]}
+        if self.grid is None and not self.boxes:
+            return RewardOutput.from_scores(whole, details)
+        # local: one owner per (image, region); a region's questions averaged, then the regions
+        crops, r_owner, r_qs, region_of = [], [], [], []
+        for i, p in enumerate(batch.prompts):
+            for box, questions in self.regions_for(p):
+                crop = crop_region(batch.images[i], box)
+                for q in questions:
+                    crops.append(crop)
+                    r_owner.append(len(region_of))
+                    r_qs.append(q)
+                region_of.append(i)
+        local = torch.full((len(batch),), float("nan"))
+        if region_of:
+            per_region = self.ask(policy, torch.stack(crops), r_owner, r_qs, len(region_of))
+            ridx = torch.tensor(region_of)
+            sums = torch.zeros(len(batch)).index_add_(0, ridx, per_region)
+            counts = torch.zeros(len(batch)).index_add_(0, ridx, torch.ones_like(per_region))
+            local = torch.where(counts > 0, sums / counts.clamp(min=1), local)
+        # an image without regions is scored by its global part alone
+        total = self.global_weight * whole + self.local_weight * torch.nan_to_num(local, nan=0.0)
+        total = torch.where(local.isnan(), self.global_weight * whole, total)
+        return RewardOutput.from_scores(total, {**details, "global": whole.tolist(), "local": local.tolist()})
+
+
+def crop_region(image: torch.Tensor, box) -> torch.Tensor:
+    """The (H, W, 3) image's box (x0, y0, x1, y1 as fractions), resized back to (H, W) (nearest)."""
+    H, W = image.shape[:2]
+    x0, y0, x1, y1 = box
+    c0, r0 = min(int(x0 * W), W - 1), min(int(y0 * H), H - 1)
+    c1, r1 = max(c0 + 1, min(W, math.ceil(x1 * W))), max(r0 + 1, min(H, math.ceil(y1 * H)))
+    crop = image[r0:r1, c0:c1].permute(2, 0, 1)[None].float()
+    return torch.nn.functional.interpolate(crop, size=(H, W), mode="nearest")[0].permute(1, 2, 0)
+
+
+def load_regions_file(path: str) -> dict:
+    """prompt -> [(box, [question])] from a JSONL file of {"prompt", "regions": [{"box", "question"}]}."""
+    out = {}
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                regions = [(tuple(float(v) for v in r["box"]), [r["question"]]) for r in row["regions"]]
+                prompt = row["prompt"]
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+                raise ValueError(f"{path}:{n}: expected {{\"prompt\": ..., \"regions\": [{{\"box\": [x0, y0, x1, "
+                                 f"y1], \"question\": ...}}]}}: {e}") from None
+            for box, _ in regions:
+                if len(box) != 4 or not (0 <= box[0] < box[2] <= 1 and 0 <= box[1] < box[3] <= 1):
+                    raise ValueError(f"{path}:{n}: a box must be [x0, y0, x1, y1] with 0 <= x0 < x1 <= 1 and "
+                                     f"0 <= y0 < y1 <= 1, got {list(box)}")
+            out[prompt] = regions
+    return out
 
 
 def load_questions_file(path: str) -> dict[str, list[str]]:

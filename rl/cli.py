@@ -99,7 +99,7 @@ def print_prompt_table(table: dict | None, max_rows: int = 24, title: str | None
         return
     rows = table["prompts"]
     metrics = sorted({m for r in rows.values() for m in r}, key=lambda m: (m != "total", m))
-    fmt = lambda x: "  -  " if x is None else f"{x:.2f}"  # noqa: E731
+    fmt = lambda x: "  -  " if x is None else str(x)[:7] if isinstance(x, str) else f"{x:.2f}"  # noqa: E731
     print(title or f"per prompt, evaluation at step {table['initial_step']} -> step {table['final_step']}:")
     print("  " + f"{'prompt':34s}" + "".join(f"{m[:16]:>18s}" for m in metrics))
     keys = list(rows)

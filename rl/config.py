@@ -13,7 +13,7 @@ from pathlib import Path
 
 from . import config_loader
 from .config_loader import ConfigError, uf
-from .config_recipes import ReasoningConfig
+from .config_recipes import ReasoningConfig, UniRLConfig
 from ..rewards.base import reward_types
 from .losses import ADVANTAGE_ESTIMATORS, DPO_LOSSES, IS_CORRECTIONS, LOSS_AGGREGATIONS, POLICY_LOSSES
 from .flow_config import FlowConfig  # noqa: F401  (a section of RunConfig; re-exported)
@@ -196,6 +196,10 @@ class ImageTaskConfig:
     targets: list[str] = uf(help="Per-prompt ground truth for rewards (a color name), one per entry of `prompts`; "
                             "empty = the color word of the prompt, if any.", factory=list)
     prompts_per_step: int = uf(4, "Prompts drawn per step; each is sampled num_generations times.", ge=1)
+    order: str = uf("shuffle", "How a step draws its prompts: `shuffle` (the next prompts_per_step of seeded "
+                    "shuffled passes over all prompts: no repeats within a pass) or `cycle` (the next prompts_per_step "
+                    "in list order). With prompts_per_step = the number of prompts, both give every prompt every step.",
+                    choices=["shuffle", "cycle"])
 
     def _validate(self, prefix, src):
         if self.targets and len(self.targets) != len(self.prompts):
@@ -435,6 +439,8 @@ class Config:
     text_task: TextTaskConfig | None = uf(None, "(image, question) -> answer task (null = none).")
     reasoning: ReasoningConfig | None = uf(None, "Plan-then-image rollouts for image_task (T2I-R1; null = plain "
                                            "image rollouts). Janus family.")
+    unirl: UniRLConfig | None = uf(None, "UniRL's loop for grpo: the step's generated images become understanding "
+                                   "questions trained in the same step (null = off). Needs image_task.")
     rewards: list[RewardConfig] = uf(help="The reward mixture.", factory=list)
     reward_combine: str = uf("sum_then_normalize", "`sum_then_normalize`: weighted sum of the components, "
                              "the advantage normalises the total; `normalize_then_sum`: each component is "

@@ -35,3 +35,35 @@ class ReasoningConfig:
         """Keyword arguments of the policy's `sample_reasoned_images`."""
         return {"enabled": self.enabled, "instruction": self.instruction, "max_new_tokens": self.max_new_tokens,
                 "stop": list(self.stop), "image_prompt": self.image_prompt, "plan_temperature": self.temperature}
+
+
+@dataclass
+class UniRLConfig:
+    """UniRL's loop (`unirl:`): each step's generated images, with their prompts, become understanding
+    questions answered by the same policy and rewarded against the prompt's ground truth (exact_match);
+    generation and understanding train in the same GRPO step. PairUni's pair-aware advantages scale a
+    generation group and the understanding groups asked about its images by their pair's similarity."""
+
+    question: str = uf("What color is this image? Answer in one word.", "The understanding question asked about "
+                       "every selected generated image; its reference answer is the image prompt's target.")
+    images_per_prompt: int = uf(4, "Generated images per prompt group that become questions (the group's first "
+                                "ones, in sample order).", ge=1)
+    num_generations: int = uf(0, "Answers sampled per question (0 = rollout.num_generations).", ge=0)
+    eval_colors: list[str] = uf(help="Solid-color images asked `question` at every evaluation, not trained on: the "
+                                "understanding side's held-out exact match (eval/reward/exact_match).", factory=list)
+    pair_similarity: str = uf("none", "PairUni: `none`; `data` (unirl.similarities, one per image_task prompt); "
+                              "`embedding` (cosine of the mean input embeddings of the image prompt and of "
+                              "question + reference answer, clamped to [0, 1]). Each pair's generation group and "
+                              "its understanding groups get advantages x similarity.",
+                              choices=["none", "data", "embedding"])
+    similarities: list[float] = uf(help="Per image_task prompt, the pair similarity in [0, 1] (pair_similarity: "
+                                   "data).", factory=list)
+
+    def _validate(self, prefix, src):
+        if self.pair_similarity == "data" and not self.similarities:
+            raise ConfigError(f"{src.where(f'{prefix}.similarities')}: key '{prefix}.similarities' is needed by "
+                              f"pair_similarity: data (one value per image_task prompt)")
+        bad = [s for s in self.similarities if not 0.0 <= s <= 1.0]
+        if bad:
+            raise ConfigError(f"{src.where(f'{prefix}.similarities')}: key '{prefix}.similarities' values must be in "
+                              f"[0, 1], got {bad[0]}")

@@ -46,6 +46,11 @@ class GRPOTrainer(Trainer):
         if self.rewards is None:
             raise ValueError("grpo scores rollouts with the reward mixture: configure `rewards`")
         self.tasks = self.eval_tasks = self.build_tasks()
+        self.unirl = None  # UniRL's loop: the step's images become understanding questions (rl/unirl.py)
+        if getattr(self.cfg, "unirl", None) is not None:
+            from .unirl import UniRLLoop
+            self.unirl = UniRLLoop(self.cfg.unirl, self.tasks[0].prompts, self.cfg.seed, self.policy.image_size)
+            self.eval_tasks = self.tasks + self.unirl.eval_tasks()
         self.flat_streak = 0  # consecutive steps with most groups flat (watch_learning_signal)
         # In-process sampling shares the learner's policy object; a Ray pool ships adapter tensors.
         self.workers = worker_pool or make_pool(self.policy, self.spec, self.sampling, self.cfg.rollout,
@@ -67,6 +72,9 @@ class GRPOTrainer(Trainer):
             scored, times = sample_and_score(self.workers, self.rewards, self.policy, requests, step, chunks, upcoming)
         for sb in scored:
             self.set_advantages(sb)
+        if self.unirl is not None:
+            questions, unirl_metrics = self.unirl.extend(self, scored, step)
+            scored, times = scored + questions, {**times, **unirl_metrics}
         t0 = time.perf_counter()
         update_metrics = self.run_update(scored)
         t1 = time.perf_counter()

@@ -74,10 +74,11 @@ class ImageTask:
 
     kind = "image"
 
-    def __init__(self, prompts: list[str], prompts_per_step: int, seed: int, targets: list[str] | None = None):
+    def __init__(self, prompts: list[str], prompts_per_step: int, seed: int, targets: list[str] | None = None,
+                 order: str = "shuffle"):
         if not prompts:
             raise ValueError("image_task needs `prompts` or `prompts_file`")
-        self.prompts, self.per_step, self.seed = list(prompts), prompts_per_step, seed
+        self.prompts, self.per_step, self.seed, self.order = list(prompts), prompts_per_step, seed, order
         # a prompt's ground truth: given, else the color it names (the synthetic task), else none
         given = list(targets or [""] * len(prompts))
         self.targets = [t or named_color(p) or "" for p, t in zip(self.prompts, given)]
@@ -87,10 +88,15 @@ class ImageTask:
         """From an `image_task` section: its prompts (and targets), then those of its prompts_file."""
         records = read_prompt_records(cfg.prompts_file) if cfg.prompts_file else []
         targets = list(cfg.targets or [""] * len(cfg.prompts)) + [t for _, t in records]
-        return cls(list(cfg.prompts) + [p for p, _ in records], cfg.prompts_per_step, seed, targets)
+        return cls(list(cfg.prompts) + [p for p, _ in records], cfg.prompts_per_step, seed, targets,
+                   getattr(cfg, "order", "shuffle"))
 
     def request(self, step: int, num_generations: int) -> RolloutRequest:
-        idx = step_indices(len(self.prompts), self.per_step, self.seed, step, salt=1)
+        n = len(self.prompts)
+        if self.order == "cycle":  # step 1 starts at the first prompt; a resumed run continues the cycle
+            idx = [((step - 1) * self.per_step + j) % n for j in range(self.per_step)]
+        else:
+            idx = step_indices(n, self.per_step, self.seed, step, salt=1)
         return RolloutRequest("image", [self.prompts[i] for i in idx], num_generations, step,
                               targets=[self.targets[i] for i in idx])
 

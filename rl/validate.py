@@ -56,6 +56,7 @@ def validate(cfg: Config):
                           f"family {sorted(families)}, got {cfg.model.family!r}")
     check_rewards(cfg, src)
     check_report_to(cfg, src)
+    check_unirl(cfg, src)
     section = getattr(trainer, "policy_section", "model")
     model = cfg.flow if section == "flow" and cfg.flow is not None else cfg.model
     check_checkpoint(model.name_or_path, f"{section}.name_or_path", src)
@@ -63,6 +64,26 @@ def validate(cfg: Config):
     check_preference_files(cfg, src)
     if section == "model":
         check_prompt_lengths(cfg, src)
+
+
+def check_unirl(cfg, src):
+    """`unirl` asks questions about image_task's images (grpo only); its colors and similarities must fit."""
+    u = getattr(cfg, "unirl", None)
+    if u is None:
+        return
+    if cfg.algorithm != "grpo" or cfg.image_task is None:
+        raise ConfigError(f"{src.where('unirl')}: key 'unirl' needs algorithm: grpo and an image_task (its images "
+                          f"become the questions), got algorithm {cfg.algorithm!r}"
+                          f"{' and no image_task' if cfg.image_task is None else ''}")
+    from ..policies.tiny import COLORS
+    unknown = [c for c in u.eval_colors if c not in COLORS]
+    if unknown:
+        raise ConfigError(f"{src.where('unirl.eval_colors')}: key 'unirl.eval_colors' has unknown color "
+                          f"{unknown[0]!r}; known: {sorted(COLORS)}")
+    n = len(cfg.image_task.prompts)
+    if u.pair_similarity == "data" and (len(u.similarities) != n or cfg.image_task.prompts_file):
+        raise ConfigError(f"{src.where('unirl.similarities')}: key 'unirl.similarities' needs one value per "
+                          f"image_task.prompts entry ({n}, no prompts_file), got {len(u.similarities)}")
 
 
 def check_full_finetune(cfg, trainer, src):
