@@ -220,7 +220,8 @@ def fit_input_recall(model, processor, steps: int, seed: int = 0, n_img: int = 1
     from .sampling import positions_from_mask
 
     tok = processor.tokenizer
-    words = [w for w in tok.get_vocab() if w.isalpha()]
+    vocab = tok.get_vocab()  # a dict in hash order: sorted by id, so that every build is the same
+    words = sorted((w for w in vocab if w.isalpha()), key=vocab.get)
     chat = lambda text, image: processor.apply_chat_template(  # noqa: E731
         [{"role": "user", "content": ([{"type": "image"}] if image else []) + [{"type": "text", "text": text}]}],
         add_generation_prompt=True, tokenize=False)

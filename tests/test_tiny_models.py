@@ -58,6 +58,14 @@ def test_input_recall_makes_prompts_and_images_distinguishable_and_leaves_the_he
     assert moved and all(k.startswith("model.language_model.") and ".embed_tokens." not in k for k in moved)
 
 
+def test_tiny_build_is_deterministic(tmp_path):
+    # the same settings give the same weights, bit for bit (a tokenizer's vocabulary dict comes in
+    # hash order: the input-recall fit must not depend on it)
+    a = build_tiny_janus(tmp_path / "a", seed=1, vq_fit_steps=0)
+    b = build_tiny_janus(tmp_path / "b", seed=1, vq_fit_steps=0)
+    assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
+
+
 def test_tasks_draw_prompts_in_shuffled_passes():
     # prompts_per_step == n: every prompt every step, in a varying order
     steps = [step_indices(4, 4, seed=0, step=s, salt=1) for s in range(20)]
