@@ -144,10 +144,6 @@ class GRPOTrainer(Trainer):
                 "logprob/sampler_vs_learner_max_abs_diff": max(stats["sampler_logprob_diff"] or [0.0]),
                 **gap.metrics()}
 
-    def rank_sync(self, last: bool):
-        """On a learner rank: the gradient all-reduce waits for the optimizer step's last micro-batch."""
-        return self.dist.no_sync(last) if self.dist is not None else contextlib.nullcontext()
-
     def micro_loss(self, sb, idx, share, it, counts, batch_tokens, steps_per_batch, several_updates, stats, gap):
         """Forward + backward of rows `idx`: their share of the optimizer step's loss (normalised by the
         whole step's counts, so the ranks' shares add up to the one-rank loss). Returns the detached

@@ -48,6 +48,8 @@ def validate(cfg: Config):
         runs = sorted(n for n, t in algos.items() if getattr(t, "data_parallel", False))
         raise ConfigError(f"{src.where('learner.num_workers')}: key 'learner.num_workers' > 1 is not supported by "
                           f"{cfg.algorithm} yet (ranks run: {runs}); use learner.num_workers: 1")
+    if cfg.learner.num_workers > 1:
+        check_ranks(cfg, trainer, src)
     if cfg.learner.full_finetune:
         check_full_finetune(cfg, trainer, src)
     families = policy_families()
@@ -63,6 +65,18 @@ def validate(cfg: Config):
     check_preference_files(cfg, src)
     if section == "model":
         check_prompt_lengths(cfg, src)
+
+
+def check_ranks(cfg, trainer, src):
+    """What N learner ranks cannot do yet with a flow-matching generator."""
+    if getattr(trainer, "policy_section", "model") != "flow":
+        return
+    if cfg.learner.strategy == "fsdp":
+        raise ConfigError(f"{src.where('learner.strategy')}: key 'learner.strategy' must be ddp for {cfg.algorithm} "
+                          f"(fsdp shards a unified model's language-model decoder layers)")
+    if cfg.flow is not None and cfg.flow.ema_decay:
+        raise ConfigError(f"{src.where('flow.ema_decay')}: key 'flow.ema_decay' needs learner.num_workers: 1 (the "
+                          f"EMA follows every optimizer step, which runs on the ranks)")
 
 
 def check_full_finetune(cfg, trainer, src):
