@@ -54,6 +54,9 @@ class GRPOTrainer(Trainer):
     def build_tasks(self) -> list:
         return build_tasks(self.cfg, self.policy.image_size)
 
+    def uses_reference(self) -> bool:
+        return self.opt.beta != 0.0  # the KL term
+
     def requests(self, step: int) -> list:
         return [task.request(step, self.cfg.rollout.num_generations) for task in self.tasks]
 

@@ -65,6 +65,8 @@ class Trainer:
         self.policy = policy or build_policy(self.spec)
         if cfg.learner.full_finetune:
             train_decoder_weights(self.policy)
+            if self.uses_reference():  # no adapter to disable: the starting weights are the reference
+                self.policy.freeze_reference()
         self.policy.model.train()
         self.optimizer = make_optimizer(self.policy, self.opt)
         self.rewards: RewardMixture | None = build_mixture(cfg.rewards, cfg.reward_combine) if cfg.rewards else None
@@ -91,8 +93,15 @@ class Trainer:
             train_decoder_weights(self.policy)
         self.policy.model.train()
         dist.wrap(self.policy, cfg.learner)
+        if cfg.learner.full_finetune and self.uses_reference():  # this rank's shards of the starting weights
+            self.policy.freeze_reference()
         self.optimizer = make_optimizer(self.policy, self.opt)
         return self
+
+    def uses_reference(self) -> bool:
+        """Does the update read reference log-probs (`policy.reference()`)? Full fine-tuning then keeps a
+        frozen copy of the trained weights."""
+        return True
 
     # Config sections the algorithm needs, built with these defaults when a recipe leaves them out.
     default_sections: dict = {}

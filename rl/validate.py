@@ -80,14 +80,12 @@ def check_ranks(cfg, trainer, src):
 
 
 def check_full_finetune(cfg, trainer, src):
-    """Full fine-tuning keeps no frozen copy of the weights (the KL reference of a LoRA run is the
-    adapter-disabled base) and ships no full weights to Ray rollout actors (they load adapters)."""
+    """Full fine-tuning trains a unified model's decoder weights (its KL / DPO reference: a frozen copy of
+    them, `PeftPolicy.freeze_reference`) and ships no full weights to Ray rollout actors (they load
+    adapters)."""
     if getattr(trainer, "policy_section", "model") != "model" or not getattr(trainer, "data_parallel", False):
         raise ConfigError(f"{src.where('learner.full_finetune')}: key 'learner.full_finetune' is supported by "
-                          f"grpo only, not {cfg.algorithm}")
-    if cfg.grpo.beta != 0:
-        raise ConfigError(f"{src.where('grpo.beta')}: key 'grpo.beta' must be 0 with learner.full_finetune (the KL "
-                          f"reference would be the trained weights themselves), got {cfg.grpo.beta}")
+                          f"the unified-model algorithms that run on learner ranks, not {cfg.algorithm}")
     if cfg.rollout.num_workers:
         raise ConfigError(f"{src.where('rollout.num_workers')}: key 'rollout.num_workers' must be 0 with "
                           f"learner.full_finetune (Ray rollout actors receive adapter tensors only)")

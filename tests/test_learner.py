@@ -41,11 +41,51 @@ def perturbed_adapter(tiny_janus_dir, tmp_path_factory):
     return path
 
 
+class AdamConditioning:
+    """Which elements of the in-process learner's trained tensors had every AdamW step well conditioned:
+    sqrt(v_hat) >= 100 x eps at each step (an optimizer step post-hook records the minimum). AdamW moves
+    an element by lr * m_hat / (sqrt(v_hat) + eps); at step 1 that is lr * g / (|g| + eps), whose slope
+    in g is eps / (|g| + eps)^2: up to 1/eps = 1e8 where |g| ~ eps, at most 1e4 where |g| >= 100 eps. A
+    rounding-level gradient difference (float32 sums split over ranks, ~1e-10 here) thus moves a
+    well-conditioned weight by < lr * 1e4 * 1e-10 (~1e-9), an ill-conditioned one by up to AdamW's step
+    bound: only the former are held to 1e-6 (`same_weights`)."""
+
+    def __init__(self, trainer):
+        self.names = {id(p): n for n, p in trainer.policy.model.named_parameters()}
+        self.low: dict[str, torch.Tensor] = {}
+        self.handle = trainer.optimizer.register_step_post_hook(self.record) if trainer.learners is None else None
+
+    def record(self, opt, args, kwargs):
+        (_, b2), eps = opt.param_groups[0]["betas"], opt.param_groups[0]["eps"]
+        for p, st in opt.state.items():
+            ok = (st["exp_avg_sq"] / (1 - b2 ** float(st["step"]))).sqrt() >= 100 * eps
+            name = self.names[id(p)]
+            self.low[name] = ok & self.low[name] if name in self.low else ok
+
+    def masks(self) -> dict[str, torch.Tensor] | None:
+        if self.handle is None:
+            return None
+        self.handle.remove()
+        return self.low
+
+
+def same_weights(w1: dict, w2: dict, ok: dict | None) -> tuple[float, int]:
+    """Max |w1 - w2| over the well-conditioned elements (`AdamConditioning`), and how many were left out."""
+    diff, left = 0.0, 0
+    for k in w1:
+        m = ok[k] if ok is not None and k in ok else torch.ones_like(w1[k], dtype=torch.bool)
+        if m.any():
+            diff = max(diff, (w1[k] - w2[k])[m].abs().max().item())
+        left += int((~m).sum())
+    return diff, left
+
+
 def one_step(cfg):
     trainer = GRPOTrainer(cfg)
     try:
-        before = trainable_state(trainer.policy)
+        before, watch = trainable_state(trainer.policy), AdamConditioning(trainer)
         metrics, scored = trainer.train_step()
+        metrics["_conditioned"] = watch.masks()
         return before, trainable_state(trainer.policy), metrics, [sb.batch for sb in scored]
     finally:
         trainer.close()
@@ -58,9 +98,12 @@ def assert_same_update(one, two, moved: float):
                            y.answer_ids if y.kind == "text" else y.image_tokens)
     assert set(w1) == set(w2) and all(torch.equal(w0[k], v0[k]) for k in w0)
     change = max((w1[k] - w0[k]).abs().max().item() for k in w1)
-    diff = max((w1[k] - w2[k]).abs().max().item() for k in w1)
+    diff, left = same_weights(w1, w2, m1["_conditioned"])
+    total = sum(t.numel() for t in w1.values())
+    print(f"1 vs 2 ranks: max abs diff {diff:.3g} on {total - left} of {total} elements (update {change:.3g})")
     assert change > moved, change  # the update did something measurable
     assert diff < 1e-6, (diff, change)
+    assert left < 0.01 * total, left
     assert abs(m1["loss"] - m2["loss"]) < 1e-6 * max(1.0, abs(m1["loss"]))
     assert abs(m1["grad_norm"] - m2["grad_norm"]) < 1e-5 * m1["grad_norm"]
 
@@ -244,8 +287,10 @@ def test_two_ranks_on_a_two_node_cluster_put_one_rank_on_each_node(tiny_janus_di
     (["learner.cpu_offload=true"], "learner.cpu_offload"),
     (["learner.num_workers=0"], "learner.num_workers"),
     (["learner.strategy=zero3"], "learner.strategy"),
-    (["learner.num_workers=2", "algorithm=dpo"], "learner.num_workers"),
-    (["learner.full_finetune=true", "grpo.beta=0.04"], "grpo.beta"),
+    (["learner.num_workers=2", "algorithm=diffusion_nft"], "learner.num_workers"),
+    (["learner.num_workers=2", "algorithm=flow_grpo", "learner.strategy=fsdp"], "learner.strategy"),
+    (["learner.num_workers=2", "algorithm=flow_grpo", "flow.ema_decay=0.9"], "flow.ema_decay"),
+    (["learner.full_finetune=true", "algorithm=diffusion_dpo"], "learner.full_finetune"),
     (["learner.full_finetune=true", "grpo.beta=0.0", "rollout.num_workers=2"], "rollout.num_workers"),
 ])
 def test_bad_learner_settings_exit_2_naming_the_key_before_any_model_loads(sets, key, tmp_path, capsys):
@@ -258,3 +303,61 @@ def test_bad_learner_settings_exit_2_naming_the_key_before_any_model_loads(sets,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"'{key}" in err[0], err
     assert not (tmp_path / "never_built").exists()
+
+
+def test_full_finetuning_kl_is_taken_against_the_frozen_starting_weights(ray_local, tiny_janus_dir, tmp_path):
+    """With no adapter to disable, the reference is a frozen copy of the starting weights (on FSDP2
+    ranks: each rank's shards). Step 1's KL is 0 (the policy is the reference); step 2's is > 0: the
+    policy moved away from it. Were the reference the moving policy, every on-policy KL would be
+    exactly 0. 2 FSDP ranks log the 1-rank KL and end on the 1-rank weights."""
+    base = train_overrides(tiny_janus_dir, tmp_path / "run") + [
+        "learner.full_finetune=true", "grpo.beta=0.04", "grpo.learning_rate=1e-4", "grpo.max_steps=2",
+        "grpo.gradient_accumulation_steps=4"]  # one optimizer step a step: a moving reference gives KL 0
+
+    def two_steps(cfg):
+        trainer = GRPOTrainer(cfg)
+        try:
+            start = trainable_state(trainer.policy)
+            kls = [trainer.train_step().metrics["kl"] for _ in range(2)]
+            end = trainable_state(trainer.policy)
+            with trainer.policy.reference():  # the reference pass sees the starting weights...
+                assert all(torch.equal(p.detach(), start[n]) for n, p in trainer.policy.model.named_parameters()
+                           if n in start)
+            now = trainable_state(trainer.policy)  # ...and the trained ones come back after it
+            assert all(torch.equal(now[k], end[k]) for k in end)
+            return kls, start, end
+        finally:
+            trainer.close()
+
+    (k1, s1, e1) = two_steps(load_config(QUICKSTART, base + ["grpo.per_device_train_batch_size=8",
+                                                             f"output_dir={tmp_path / 'one'}"]))
+    print("full-FT KL per step, 1 rank:", k1)
+    assert k1[0] < 1e-9 and k1[1] > 1e-7, k1
+    assert max((e1[k] - s1[k]).abs().max().item() for k in e1) > 5e-5
+    (k2, _, e2) = two_steps(load_config(QUICKSTART, base + RANKS + [
+        "learner.num_workers=2", "learner.strategy=fsdp", "grpo.per_device_train_batch_size=4",
+        f"output_dir={tmp_path / 'two'}"]))
+    print("full-FT KL per step, 2 fsdp ranks:", k2, "weights diff", max((e1[k] - e2[k]).abs().max().item() for k in e1))
+    # (the kl metric is each rank's mean over its rows, averaged: close to, not bitwise, the 1-rank mean)
+    assert k2[0] < 1e-9 and abs(k2[1] - k1[1]) < 1e-3 * k1[1], (k1, k2)
+    assert max((e1[k] - e2[k]).abs().max().item() for k in e1) < 1e-6
+
+
+def test_full_finetuning_dpo_moves_away_from_the_frozen_reference(tiny_janus_dir, tmp_path):
+    """DPO with every decoder weight trained: the reference (a frozen copy) stays put while the policy
+    moves, so after one step the implicit rewards beta * (log pi - log ref) are no longer 0."""
+    from uniloop.rl.dpo import DPOTrainer
+    cfg = load_config(Path(__file__).parent.parent / "configs" / "dpo_quickstart.yaml", [
+        f"output_dir={tmp_path / 'run'}", f"model.tiny_dir={tiny_janus_dir}", "learner.full_finetune=true",
+        "dpo.learning_rate=1e-4", "dpo.rpo_alpha=null", "dpo.max_steps=2", "dpo.eval_steps=0",
+        "preference_data.synthetic.kinds=[generation]",
+        "preference_data.synthetic.colors=[red, green, blue]", "image_task=null", "text_task=null", "rewards=[]",
+        "logging.progress_bar=false", "logging.tensorboard=false", "logging.save_every=0"])
+    trainer = DPOTrainer(cfg)
+    try:
+        m1, m2 = trainer.train_step().metrics, trainer.train_step().metrics
+    finally:
+        trainer.close()
+    assert m1["dpo/chosen_reward"] == 0.0 and m1["dpo/rejected_reward"] == 0.0  # policy == reference
+    assert abs(m1["dpo/loss"] - 0.6931471805599453) < 1e-6  # log 2
+    assert m2["dpo/margin"] != 0.0 and m2["dpo/chosen_reward"] != 0.0
