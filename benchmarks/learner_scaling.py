@@ -3,7 +3,8 @@
     python benchmarks/learner_scaling.py --steps 6 --out learner_scaling.json
 
 Each variant is `uniloop train configs/quickstart.yaml` in its own process (a fresh Ray per variant)
-on the tiny Janus (--hidden / --layers widen it), for --steps GRPO steps:
+on the tiny Janus (--hidden / --layers widen it), for --steps GRPO steps, without the recipe's
+sampling evaluations (grpo.eval_steps 0: they are not part of the update):
   lora  1 rank (in-process) | lora ddp 2 ranks | full fine-tuning 1 rank | full fine-tuning fsdp 2 ranks.
 Reported per variant: the mean `time/update` of the steps after the first (the driver's wall time
 for the update, weight transfer included), `learner/rank_seconds_max`, the bytes sent back per step
@@ -38,7 +39,7 @@ VARIANTS = {
 def run_variant(name: str, extra: list[str], args, tmp: Path) -> dict:
     out = tmp / name.replace(", ", "_").replace(" ", "_")
     sets = [f"output_dir={out}", f"grpo.max_steps={args.steps}", "grpo.learning_rate=1e-4",
-            "logging.save_every=0", "logging.image_grid_every=0", "logging.tensorboard=false",
+            "grpo.eval_steps=0", "logging.save_every=0", "logging.image_grid_every=0", "logging.tensorboard=false",
             "logging.progress_bar=false", "learner.num_cpus_per_worker=1",
             f"model.tiny={{hidden_size: {args.hidden}, num_layers: {args.layers}}}", *extra]
     cmd = [sys.executable, "-m", "uniloop.rl.cli", "train", str(REPO / "configs" / "quickstart.yaml")]

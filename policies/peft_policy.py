@@ -129,8 +129,18 @@ class PeftPolicy:
         self.set_adapter_state_dict(load_file(str(Path(path) / "adapter_model.safetensors")), version)
 
     def reference(self):
-        """Context in which the model is the frozen base: the adapter disabled (no second copy)."""
-        return self.model.disable_adapter() if self.has_adapter else contextlib.nullcontext()
+        """Context in which the model is the frozen base: the adapter disabled (no second copy), or, when
+        the weights themselves train (`freeze_reference`), their pre-training values swapped in."""
+        if self.has_adapter:
+            return self.model.disable_adapter()
+        frozen = getattr(self, "_frozen_reference", None)
+        return frozen.swapped() if frozen is not None else contextlib.nullcontext()
+
+    def freeze_reference(self):
+        """Full fine-tuning: keep the trainable tensors' current values (on a sharded model this process's
+        shards only) as the reference model's, for KL and DPO terms."""
+        self._frozen_reference = FrozenTensors([p for p in self.model.parameters() if p.requires_grad],
+                                               list(self.model.modules()))
 
     def gradient_checkpointing(self, enable: bool = True):
         lm = self.language_model
@@ -189,3 +199,42 @@ def fingerprint(*parts) -> str:
         else:
             h.update(json.dumps(p, sort_keys=True, default=str).encode())
     return h.hexdigest()[:20]
+
+
+def _local(p: torch.Tensor) -> torch.Tensor:
+    """A parameter's own storage: the local shard of a DTensor (FSDP2), else the tensor."""
+    return p.to_local() if hasattr(p, "to_local") else p
+
+
+class FrozenTensors:
+    """A copy of some parameters' values, swapped in place (`with frozen.swapped():`) and back: the
+    reference model of a full fine-tuning run at the cost of one copy of the trained tensors (shards).
+
+    FSDP2 units that were called without an FSDP parent keep their gathered parameters after a
+    forward; they are resharded before and after the swap, so the next forward gathers the values
+    actually in the shards (the reference inside the block, the trained ones after it)."""
+
+    def __init__(self, params: list[torch.Tensor], modules: list[torch.nn.Module] = ()):
+        self.params = params
+        self.sharded = [m for m in modules if callable(getattr(m, "reshard", None))]  # FSDPModule units
+        with torch.no_grad():
+            self.values = [_local(p).detach().clone() for p in params]
+
+    def _reshard(self):
+        for m in self.sharded:
+            m.reshard()
+
+    @contextlib.contextmanager
+    def swapped(self):
+        self._reshard()
+        with torch.no_grad():
+            current = [_local(p).detach().clone() for p in self.params]
+            for p, v in zip(self.params, self.values):
+                _local(p).copy_(v)
+        try:
+            yield
+        finally:
+            self._reshard()
+            with torch.no_grad():
+                for p, v in zip(self.params, current):
+                    _local(p).copy_(v)

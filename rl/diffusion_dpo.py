@@ -29,7 +29,7 @@ import torch
 from ..policies.batches import LatentPairs
 from ..policies.flow import FlowPolicy
 from .config import DPOConfig, FlowConfig
-from .dpo import PreferenceTrainer, epoch_order, loss_kwargs
+from .dpo import PairChunk, PreferenceTrainer, epoch_order, loss_kwargs
 from .losses import PairLogps, dpo_losses, summarize_outputs
 from .preference_data import load_image_tensor
 from .preference_sets import read_run_records, write_synthetic_preference_set
@@ -143,28 +143,35 @@ class DiffusionDPOTrainer(PreferenceTrainer):
     def start_metrics(self) -> dict:
         return dict(self.data_info)
 
+    def draw(self, n: int, shape, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """One flow time and one noise per pair, from `generator` (shared by the pair's two images)."""
+        t = sample_flow_times(n, generator, self.cfg.flow.dpo_timestep_sampling)
+        return t, torch.randn(shape, generator=generator)
+
     def pair_terms(self, pair: LatentPairs, generator: torch.Generator):
         """Policy and reference -err/2 of a pair batch, one (t, noise) per pair drawn from `generator`."""
-        t = sample_flow_times(len(pair), generator, self.cfg.flow.dpo_timestep_sampling)
-        noise = torch.randn(pair.chosen.shape, generator=generator)
+        chunk = PairChunk("generation", pair, None, *self.draw(len(pair), pair.chosen.shape, generator))
+        rows = list(range(len(pair)))
+        return self.chunk_logps(chunk, rows), self.chunk_reference(chunk, rows)
+
+    def chunk_logps(self, chunk: PairChunk, rows: list[int]) -> PairLogps:
+        return diffusion_pair_logps(self.policy, chunk.pairs.select(rows), chunk.t[rows], chunk.noise[rows])
+
+    def chunk_reference(self, chunk: PairChunk, rows: list[int]) -> PairLogps:
         with torch.no_grad(), self.policy.reference():
-            ref = diffusion_pair_logps(self.policy, pair, t, noise).detach()
-        return diffusion_pair_logps(self.policy, pair, t, noise), ref
+            return self.chunk_logps(chunk, rows).detach()
 
     def train_step(self) -> StepResult:
         d, step = self.opt, self.step + 1
-        per_step = d.per_device_train_batch_size * d.gradient_accumulation_steps
+        size = self.micro_size()
+        per_step = size * d.gradient_accumulation_steps
         picks = [epoch_order(len(self.train_set), self.cfg.seed, n) for n in range((step - 1) * per_step, step * per_step)]
         g = torch.Generator().manual_seed((self.cfg.seed * 1_000_003 + step * 7919 + 3) % (2 ** 63))
-        self.optimizer.zero_grad(set_to_none=True)
-        outs, t0 = [], time.perf_counter()
-        for start in range(0, len(picks), d.per_device_train_batch_size):
-            pair = self.train_set.select(picks[start:start + d.per_device_train_batch_size])
-            lp, ref = self.pair_terms(pair, g)
-            out = dpo_losses(lp, ref, **loss_kwargs(d))
-            (out.losses.sum() / len(picks)).backward()  # every pair weighs the same in the step's mean
-            outs.append(("generation", out))
-        return self.finish_step(outs, step, t0)
+        chunks, t0 = [], time.perf_counter()
+        for start in range(0, len(picks), size):  # (t, noise) drawn here, in order: the same on any rank count
+            pair = self.train_set.select(picks[start:start + size])
+            chunks.append(PairChunk("generation", pair, None, *self.draw(len(pair), pair.chosen.shape, g)))
+        return self.finish_step(self.run_update((chunks, 1)), step, t0)
 
     def evaluate_samples(self) -> dict:
         """Held-out pairs with the same (t, noise) at every evaluation (eval/dpo/*), then samples."""

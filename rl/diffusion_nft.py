@@ -57,6 +57,8 @@ def nft_loss(v: torch.Tensor, v_old: torch.Tensor, x_t: torch.Tensor, x0: torch.
 class DiffusionNFTTrainer(FlowGRPOTrainer):
     """Flow-GRPO's prompts, rewards, advantages, workers and checkpoints; the NFT update."""
 
+    data_parallel = False  # its update keeps the sampling adapter (an EMA) beside the trained one: 1 rank
+
     def setup(self, worker_pool=None):
         f = self.cfg.flow
         # the sampling (old) policy: equal to the trained one at step 0

@@ -210,11 +210,11 @@ class LearnerRank:
         if state.get("optimizer") is not None:
             t.optimizer.load_state_dict(state["optimizer"])
 
-    def update(self, box: list, version: int) -> dict:
+    def update(self, box: list, version: int, step: int) -> dict:
         import ray
         scored = ray.get(box[0])
         t = self.trainer
-        t.policy.version = version
+        t.policy.version, t.step = version, step  # the driver's step (seeds of per-step draws)
         t0 = time.perf_counter()
         metrics = t.update(scored)
         out = {"metrics": metrics, "seconds": time.perf_counter() - t0, "peak_rss_mb": peak_rss_mb()}
@@ -311,7 +311,7 @@ class LearnerGroup:
         """One update on every rank; the driver's policy gets rank 0's trainable tensors."""
         import ray
         box = [ray.put(scored)]
-        outs = self._get([h.update.remote(box, trainer.policy.version) for h in self.ranks])
+        outs = self._get([h.update.remote(box, trainer.policy.version, trainer.step) for h in self.ranks])
         t0 = time.perf_counter()
         load_trainable_state(trainer.policy, outs[0]["weights"])
         self.last = {"learner/weights_load_seconds": time.perf_counter() - t0,
@@ -319,7 +319,7 @@ class LearnerGroup:
                                                         for t in outs[0]["weights"].values())),
                      "learner/rank_seconds_max": max(o["seconds"] for o in outs),
                      "learner/peak_rss_mb_max": max(o["peak_rss_mb"] for o in outs)}
-        return {**combine_metrics([o["metrics"] for o in outs]), **self.last}
+        return {**trainer.combine_rank_metrics([o["metrics"] for o in outs]), **self.last}
 
     def pull_optimizer(self, trainer):
         """DDP: every rank holds the whole optimizer state; the driver's copy makes its checkpoint

@@ -127,7 +127,7 @@ class FlowGRPOTrainer(GRPOTrainer):
 
     def optimizer_step(self) -> float:
         norm = super().optimizer_step()
-        if self.ema is not None:
+        if getattr(self, "ema", None) is not None:  # a learner rank keeps none (validation: num_workers 1)
             self.ema.step()
         return norm
 
@@ -152,21 +152,31 @@ class FlowGRPOTrainer(GRPOTrainer):
             return {"loss": 0.0, "update/skipped": 1}
         n_trained = 0
         for it in range(g.num_iterations):
-            groups = accumulation_groups(rows, g.per_device_train_batch_size, g.gradient_accumulation_steps)
+            # global micro-batches (per_device_train_batch_size rows on each learner rank), each rank its rows
+            groups = accumulation_groups(rows, g.per_device_train_batch_size * self.learner_world,
+                                         g.gradient_accumulation_steps)
             for start, group in enumerate(groups):
-                n_rows = sum(len(m) for m in group)
+                n_rows = sum(len(m) for m in group)  # the normaliser of the whole optimizer step
                 self.optimizer.zero_grad(set_to_none=True)
                 step_loss = 0.0
-                for idx in group:
-                    b = batch.select(idx)
-                    adv = sb.advantages[idx].to(policy.device)
+                for mi, idx in enumerate(group):
+                    mine, share = self.rank_rows(idx)
+                    b = batch.select(mine)
+                    adv = sb.advantages[mine].to(policy.device)
                     transitions = transition_indices(f, b, self.cfg.seed, step)
                     n_trained = len(transitions)
-                    for j in transitions:
-                        per, ratio, clipped, kl, logp, old = self.transition_loss(b, j, adv)
-                        loss = per.sum() / (n_rows * len(transitions))
-                        loss.backward()
-                        step_loss += loss.item()
+                    for ti, j in enumerate(transitions):
+                        held = []
+
+                        def compute():
+                            held.append(self.transition_loss(b, j, adv))
+                            return held[0][0].sum() / (n_rows * len(transitions))
+
+                        last = mi == len(group) - 1 and ti == len(transitions) - 1
+                        step_loss += self.rank_backward(compute, share, last).item()
+                        if not share:  # a rank without rows of this micro-batch only joined the reduction
+                            continue
+                        _, ratio, clipped, kl, logp, old = held[0]
                         if it == 0 and start == 0:
                             dev = (ratio.detach() - 1).abs().max().item()
                             stats["ratio_dev_first"] = max(stats["ratio_dev_first"] or 0.0, dev)

@@ -59,6 +59,9 @@ class GRPOTrainer(Trainer):
     def build_tasks(self) -> list:
         return build_tasks(self.cfg, self.policy.image_size)
 
+    def uses_reference(self) -> bool:
+        return self.opt.beta != 0.0  # the KL term
+
     def requests(self, step: int) -> list:
         return [task.request(step, self.cfg.rollout.num_generations) for task in self.tasks]
 
@@ -151,10 +154,6 @@ class GRPOTrainer(Trainer):
                 "ratio/first_step_max_abs_dev": ratio_dev_first if ratio_dev_first is not None else 0.0,
                 "logprob/sampler_vs_learner_max_abs_diff": max(stats["sampler_logprob_diff"] or [0.0]),
                 **gap.metrics()}
-
-    def rank_sync(self, last: bool):
-        """On a learner rank: the gradient all-reduce waits for the optimizer step's last micro-batch."""
-        return self.dist.no_sync(last) if self.dist is not None else contextlib.nullcontext()
 
     def micro_loss(self, sb, idx, share, it, counts, batch_tokens, steps_per_batch, several_updates, stats, gap):
         """Forward + backward of rows `idx`: their share of the optimizer step's loss (normalised by the

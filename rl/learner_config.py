@@ -36,8 +36,9 @@ class LearnerConfig:
     cpu_offload: bool = uf(False, "strategy fsdp: keep sharded parameters and optimizer state in CPU memory "
                            "(FSDP2 CPUOffloadPolicy).")
     full_finetune: bool = uf(False, "Train every weight of the language model's decoder layers instead of the "
-                             "`lora` adapter (with strategy fsdp: sharded over the ranks). Needs grpo.beta 0 (no "
-                             "frozen reference copy yet) and in-process sampling (rollout.num_workers 0).")
+                             "`lora` adapter (with strategy fsdp: sharded over the ranks). The KL / DPO reference is "
+                             "a frozen copy of the starting weights (each rank: its shards); needs in-process "
+                             "sampling (rollout.num_workers 0).")
     placement_strategy: str = uf("PACK", "Ray placement group strategy of the ranks' bundles (PACK, SPREAD, "
                                  "STRICT_PACK, STRICT_SPREAD: one rank per node).",
                                  choices=["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"])

@@ -25,9 +25,8 @@ from ..policies.batches import GenerationPair, ScoredBatch, UnderstandingPair
 from ..rewards.base import RewardContext
 from ..rewards.parsing import PAIRWISE_MODES
 from ..rollouts.pipeline import make_pool, sample_and_score
-from .dpo import PreferenceTrainer, loss_kwargs
-from .losses import DPOOutput, dpo_losses, summarize_outputs
-from .pair_logps import pair_logps, reference_pair_logps
+from .dpo import PairChunk, PreferenceTrainer, update_metrics
+from .pair_logps import reference_pair_logps
 from .registry import register_algorithm
 from .tasks import build_tasks
 from .trainer import StepResult, index_chunks, reward_metrics
@@ -163,9 +162,6 @@ class OnlineDPOTrainer(PreferenceTrainer):
         self.tasks = self.eval_tasks = build_tasks(self.cfg, self.policy.image_size)
         self.workers = worker_pool or make_pool(self.policy, self.spec, self.sampling, self.cfg.rollout,
                                                 self.cfg.seed, self.cfg.ray)
-        # Train the distribution the candidates were drawn from (as GRPO does): with CFG sampling a
-        # conditional-only update is largely cancelled by the unconditional branch sharing the adapter.
-        self.mode, self.cfg_scale = self.cfg.rollout.logprob_mode, self.cfg.rollout.cfg_scale
 
     def train_step(self) -> StepResult:
         d, step = self.opt, self.step + 1
@@ -186,29 +182,22 @@ class OnlineDPOTrainer(PreferenceTrainer):
         t1 = time.perf_counter()
         m["online/pairs"] = sum(len(p) for p in pairs)
         if pairs:
-            refs = [(p, reference_pair_logps(self.policy, p, self.mode, self.cfg_scale)) for p in pairs]
-            for _ in range(d.online_updates):
-                m.update(self.update(refs))
+            # the reference of the whole round before any update (the same on every rank)
+            mode, cfg_scale = self.logprob_settings()
+            size = self.micro_size()
+            chunks = [PairChunk(p.kind, p.select(idx), reference_pair_logps(self.policy, p.select(idx), mode, cfg_scale))
+                      for p in pairs for idx in index_chunks(len(p), size)]
+            m.update(update_metrics(self.run_update((chunks, d.online_updates))))
         self.new_version()
         self.step = step
         m.update({"time/rollout": t1 - t0, "time/update": time.perf_counter() - t1,
                   "adapter/version": self.policy.version})
         return StepResult(m, scored)
 
-    def update(self, refs: list) -> dict:
-        """One optimizer step over all pairs of the round (micro-batched, each pair weighing the same)."""
-        d = self.opt
-        total = sum(len(p) for p, _ in refs)
-        self.optimizer.zero_grad(set_to_none=True)
-        outs: list[tuple[str, DPOOutput]] = []
-        for pair_batch, ref in refs:
-            for idx in index_chunks(len(pair_batch), d.per_device_train_batch_size):
-                pair = pair_batch.select(idx)
-                out = dpo_losses(pair_logps(self.policy, pair, self.mode, self.cfg_scale), ref.select(idx),
-                                 **loss_kwargs(d))
-                (out.losses.sum() / total).backward()
-                outs.append((pair_batch.kind, out))
-        return {**summarize_outputs(outs, "dpo"), "grad_norm": self.optimizer_step()}
+    def logprob_settings(self) -> tuple[str, float]:
+        # Train the distribution the candidates were drawn from (as GRPO does): with CFG sampling a
+        # conditional-only update is largely cancelled by the unconditional branch sharing the adapter.
+        return self.cfg.rollout.logprob_mode, self.cfg.rollout.cfg_scale
 
 
 __all__ = ["Selection", "select_pairs", "select_pairs_of", "ranking_scores", "sample_rank_select",

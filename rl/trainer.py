@@ -13,6 +13,7 @@ Order of construction (it fixes the random draws of a seed): seed -> policy (its
 """
 from __future__ import annotations
 
+import contextlib
 import random
 from collections import Counter
 from pathlib import Path
@@ -26,7 +27,8 @@ from ..policies.registry import LoraSpec, PolicySpec, build_policy, detect_famil
 from ..rewards.base import RewardMixture, build_mixture
 from ..rollouts.worker import RolloutWorker, Sampling
 from .checkpoint import latest_checkpoint, resume_trainer, save_trainer
-from .distributed import LEARNER_DIR, LearnerGroup, dcp_restore, train_decoder_weights, trainable_state
+from .distributed import (LEARNER_DIR, LearnerGroup, combine_metrics, dcp_restore, train_decoder_weights,
+                          trainable_state)
 from .evaluate import eval_requests, evaluate_samples
 from .rundir import RunAborted
 
@@ -63,6 +65,8 @@ class Trainer:
         self.policy = policy or build_policy(self.spec)
         if cfg.learner.full_finetune:
             train_decoder_weights(self.policy)
+            if self.uses_reference():  # no adapter to disable: the starting weights are the reference
+                self.policy.freeze_reference()
         self.policy.model.train()
         self.optimizer = make_optimizer(self.policy, self.opt)
         self.rewards: RewardMixture | None = build_mixture(cfg.rewards, cfg.reward_combine) if cfg.rewards else None
@@ -89,8 +93,15 @@ class Trainer:
             train_decoder_weights(self.policy)
         self.policy.model.train()
         dist.wrap(self.policy, cfg.learner)
+        if cfg.learner.full_finetune and self.uses_reference():  # this rank's shards of the starting weights
+            self.policy.freeze_reference()
         self.optimizer = make_optimizer(self.policy, self.opt)
         return self
+
+    def uses_reference(self) -> bool:
+        """Does the update read reference log-probs (`policy.reference()`)? Full fine-tuning then keeps a
+        frozen copy of the trained weights."""
+        return True
 
     # Config sections the algorithm needs, built with these defaults when a recipe leaves them out.
     default_sections: dict = {}
@@ -124,9 +135,39 @@ class Trainer:
         return float(self.dist.world) if self.dist is not None else 1.0
 
     def run_update(self, scored) -> dict:
-        """The update of one rollout batch: in-process, or on the learner ranks (then this policy gets
-        the updated tensors)."""
+        """The update of one step's data (`scored`: what `update` takes): in-process, or on the learner
+        ranks (then this policy gets the updated tensors)."""
         return self.learners.update(self, scored) if self.learners is not None else self.update(scored)
+
+    # ------------------------------------------------------------------ the seam every algorithm's update uses
+    # An `update(data)` written with these runs unchanged on 1 rank and on N: the driver cuts the step
+    # into global micro-batches (`learner_world` x per_device_train_batch_size rows), every rank takes
+    # its rows of each, normalises by the global counts, and the ranks' shares add up to the 1-rank loss.
+    @property
+    def learner_world(self) -> int:
+        """Ranks that share each micro-batch (learner.num_workers; 1 in-process)."""
+        return self.dist.world if self.dist is not None else self.cfg.learner.num_workers
+
+    def rank_rows(self, idx) -> tuple[list[int], float]:
+        """This rank's rows of a global micro-batch and the weight of its loss (all rows, 1.0 in-process)."""
+        return (list(idx), 1.0) if self.dist is None else self.dist.rows(list(idx))
+
+    def rank_sync(self, last: bool):
+        """On a learner rank: the gradient all-reduce waits for the optimizer step's last micro-batch."""
+        return self.dist.no_sync(last) if self.dist is not None else contextlib.nullcontext()
+
+    def rank_backward(self, compute, share: float, last: bool) -> torch.Tensor:
+        """Forward (`compute()`: this rank's rows' part of the optimizer step's global loss) and backward,
+        through DDP on a rank; returns the detached share."""
+        with self.rank_sync(last):
+            loss = self.dist.loss(compute) if self.dist is not None else compute()
+            (loss * (share * self.grad_scale)).backward()
+        return loss.detach() * share
+
+    @classmethod
+    def combine_rank_metrics(cls, per_rank: list[dict]) -> dict:
+        """The ranks' `update` results as the one-rank result (the driver's side of `run_update`)."""
+        return combine_metrics(per_rank)
 
     def optimizer_step(self) -> float:
         """Clip the gradient norm (max_grad_norm, 0 = off), step AdamW; returns the norm before clipping."""

@@ -48,6 +48,8 @@ def validate(cfg: Config):
         runs = sorted(n for n, t in algos.items() if getattr(t, "data_parallel", False))
         raise ConfigError(f"{src.where('learner.num_workers')}: key 'learner.num_workers' > 1 is not supported by "
                           f"{cfg.algorithm} yet (ranks run: {runs}); use learner.num_workers: 1")
+    if cfg.learner.num_workers > 1:
+        check_ranks(cfg, trainer, src)
     if cfg.learner.full_finetune:
         check_full_finetune(cfg, trainer, src)
     families = policy_families()
@@ -86,15 +88,25 @@ def check_unirl(cfg, src):
                           f"image_task.prompts entry ({n}, no prompts_file), got {len(u.similarities)}")
 
 
+def check_ranks(cfg, trainer, src):
+    """What N learner ranks cannot do yet with a flow-matching generator."""
+    if getattr(trainer, "policy_section", "model") != "flow":
+        return
+    if cfg.learner.strategy == "fsdp":
+        raise ConfigError(f"{src.where('learner.strategy')}: key 'learner.strategy' must be ddp for {cfg.algorithm} "
+                          f"(fsdp shards a unified model's language-model decoder layers)")
+    if cfg.flow is not None and cfg.flow.ema_decay:
+        raise ConfigError(f"{src.where('flow.ema_decay')}: key 'flow.ema_decay' needs learner.num_workers: 1 (the "
+                          f"EMA follows every optimizer step, which runs on the ranks)")
+
+
 def check_full_finetune(cfg, trainer, src):
-    """Full fine-tuning keeps no frozen copy of the weights (the KL reference of a LoRA run is the
-    adapter-disabled base) and ships no full weights to Ray rollout actors (they load adapters)."""
+    """Full fine-tuning trains a unified model's decoder weights (its KL / DPO reference: a frozen copy of
+    them, `PeftPolicy.freeze_reference`) and ships no full weights to Ray rollout actors (they load
+    adapters)."""
     if getattr(trainer, "policy_section", "model") != "model" or not getattr(trainer, "data_parallel", False):
         raise ConfigError(f"{src.where('learner.full_finetune')}: key 'learner.full_finetune' is supported by "
-                          f"grpo only, not {cfg.algorithm}")
-    if cfg.grpo.beta != 0:
-        raise ConfigError(f"{src.where('grpo.beta')}: key 'grpo.beta' must be 0 with learner.full_finetune (the KL "
-                          f"reference would be the trained weights themselves), got {cfg.grpo.beta}")
+                          f"the unified-model algorithms that run on learner ranks, not {cfg.algorithm}")
     if cfg.rollout.num_workers:
         raise ConfigError(f"{src.where('rollout.num_workers')}: key 'rollout.num_workers' must be 0 with "
                           f"learner.full_finetune (Ray rollout actors receive adapter tensors only)")
