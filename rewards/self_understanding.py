@@ -166,42 +166,46 @@ def crop_region(image: torch.Tensor, box) -> torch.Tensor:
     return torch.nn.functional.interpolate(crop, size=(H, W), mode="nearest")[0].permute(1, 2, 0)
 
 
-def load_regions_file(path: str) -> dict:
-    """prompt -> [(box, [question])] from a JSONL file of {"prompt", "regions": [{"box", "question"}]}."""
-    out = {}
+def _jsonl_rows(path: str, expected: str):
+    """(line number, parsed object) of each non-empty line of a JSONL file; a bad line names file:line."""
     with open(path) as f:
         for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                regions = [(tuple(float(v) for v in r["box"]), [r["question"]]) for r in row["regions"]]
-                prompt = row["prompt"]
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-                raise ValueError(f"{path}:{n}: expected {{\"prompt\": ..., \"regions\": [{{\"box\": [x0, y0, x1, "
-                                 f"y1], \"question\": ...}}]}}: {e}") from None
-            for box, _ in regions:
-                if len(box) != 4 or not (0 <= box[0] < box[2] <= 1 and 0 <= box[1] < box[3] <= 1):
-                    raise ValueError(f"{path}:{n}: a box must be [x0, y0, x1, y1] with 0 <= x0 < x1 <= 1 and "
-                                     f"0 <= y0 < y1 <= 1, got {list(box)}")
-            out[prompt] = regions
+            if line.strip():
+                try:
+                    yield n, json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{n}: expected {expected}: {e}") from None
+
+
+def load_regions_file(path: str) -> dict:
+    """prompt -> [(box, [question])] from a JSONL file of {"prompt", "regions": [{"box", "question"}]}."""
+    expected = '{"prompt": ..., "regions": [{"box": [x0, y0, x1, y1], "question": ...}]}'
+    out = {}
+    for n, row in _jsonl_rows(path, expected):
+        try:
+            regions = [(tuple(float(v) for v in r["box"]), [r["question"]]) for r in row["regions"]]
+            prompt = row["prompt"]
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{path}:{n}: expected {expected}: {e}") from None
+        for box, _ in regions:
+            if len(box) != 4 or not (0 <= box[0] < box[2] <= 1 and 0 <= box[1] < box[3] <= 1):
+                raise ValueError(f"{path}:{n}: a box must be [x0, y0, x1, y1] with 0 <= x0 < x1 <= 1 and "
+                                 f"0 <= y0 < y1 <= 1, got {list(box)}")
+        out[prompt] = regions
     return out
 
 
 def load_questions_file(path: str) -> dict[str, list[str]]:
+    expected = '{"prompt": ..., "questions": [...]}'
     out = {}
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                prompt, qs = row["prompt"], row["questions"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise ValueError(f"{path}:{n}: expected {{\"prompt\": ..., \"questions\": [...]}}: {e}") from None
-            if not isinstance(qs, list) or not qs or not all(isinstance(q, str) for q in qs):
-                raise ValueError(f"{path}:{n}: 'questions' must be a non-empty list of strings")
-            out[prompt] = qs
+    for n, row in _jsonl_rows(path, expected):
+        try:
+            prompt, qs = row["prompt"], row["questions"]
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"{path}:{n}: expected {expected}: {e}") from None
+        if not isinstance(qs, list) or not qs or not all(isinstance(q, str) for q in qs):
+            raise ValueError(f"{path}:{n}: 'questions' must be a non-empty list of strings")
+        out[prompt] = qs
     return out
 
 

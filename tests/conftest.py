@@ -42,11 +42,12 @@ def tiny_policy(tiny_janus_dir):
     return JanusPolicy.from_pretrained(tiny_janus_dir)
 
 
-def perturb_adapter(policy, scale=0.5, seed=0):
-    """Give a fresh LoRA adapter non-zero B weights so the adapter changes the outputs."""
+def perturb_adapter(policy, scale=0.5, seed=0, module=None):
+    """Give a fresh LoRA adapter non-zero B weights so the adapter changes the outputs
+    (`module`: where the adapter sits, default policy.model; an SD3 policy's is policy.transformer)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in policy.model.named_parameters():
+        for name, p in (module if module is not None else policy.model).named_parameters():
             if "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * scale)
 

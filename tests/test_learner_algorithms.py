@@ -43,11 +43,7 @@ def sd3_adapter(tiny_sd3_dir, tmp_path_factory):
     from uniloop.policies.flow import FlowPolicy
     policy = FlowPolicy.from_pretrained(tiny_sd3_dir, max_sequence_length=8)
     policy.add_lora(r=4, alpha=8)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in policy.transformer.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    perturb_adapter(policy, scale=0.05, seed=1, module=policy.transformer)
     path = tmp_path_factory.mktemp("adapter") / "sd3"
     policy.save_adapter(path)
     return path

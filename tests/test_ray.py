@@ -17,6 +17,7 @@ import torch
 
 ray = pytest.importorskip("ray")
 
+from conftest import perturb_adapter  # noqa: E402
 from uniloop.rl.config import ConfigError, load_config  # noqa: E402
 from uniloop.rl.jobs import run_job  # noqa: E402
 from uniloop.rollouts.job import read_records  # noqa: E402
@@ -304,11 +305,7 @@ def job_inputs(tiny_janus_dir, tmp_path_factory):
     (root / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     policy = JanusPolicy.from_pretrained(tiny_janus_dir)
     policy.add_lora(r=4, alpha=8)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in policy.model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    perturb_adapter(policy, scale=0.3, seed=1)
     policy.save_adapter(root / "adapter")
     return {"prompts": root / "prompts.jsonl", "adapter": root / "adapter", "num_prompts": len(lines)}
 
