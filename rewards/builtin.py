@@ -71,13 +71,11 @@ class ColorAccuracyReward(ColorReward):
     `details["nearest_color"]` holds each image's nearest color name."""
 
     def score(self, batch, context: RewardContext) -> RewardOutput:
-        names = list(self.colors)
-        table = torch.tensor([self.colors[n] for n in names], dtype=torch.float32)
         scores = torch.full((len(batch),), float("nan"))
         nearest = []
         for i, prompt in enumerate(batch.prompts):
             mean = batch.images[i].float().reshape(-1, 3).mean(0)
-            nearest.append(names[int((table - mean).norm(dim=-1).argmin())])
+            nearest.append(self._names[int((self._table - mean).norm(dim=-1).argmin())])
             name = batch.targets[i] if batch.targets and batch.targets[i] else named_color(prompt)
             if name in self.colors:
                 scores[i] = float(nearest[-1] == name)
