@@ -39,10 +39,16 @@ class ColorReward(Reward):
 
     modalities = ("image",)
 
-    def __init__(self, colors: dict[str, list[float]] | None = None, contrast_temperature: float | None = None):
-        self.colors = {k: tuple(v) for k, v in (colors or COLORS).items()}
-        if contrast_temperature is not None and not contrast_temperature > 0:
+    @staticmethod
+    def check_args(colors=None, contrast_temperature=None):
+        """Config-time value checks (rl/validate.py calls them before any model loads)."""
+        if contrast_temperature is not None and not (isinstance(contrast_temperature, (int, float))
+                                                     and contrast_temperature > 0):
             raise ValueError(f"contrast_temperature must be > 0 or null, got {contrast_temperature!r}")
+
+    def __init__(self, colors: dict[str, list[float]] | None = None, contrast_temperature: float | None = None):
+        self.check_args(colors, contrast_temperature)
+        self.colors = {k: tuple(v) for k, v in (colors or COLORS).items()}
         self.contrast_temperature = contrast_temperature
         self._names = list(self.colors)
         self._table = torch.tensor([self.colors[n] for n in self._names], dtype=torch.float32)

@@ -125,6 +125,12 @@ def check_rewards(cfg, src):
         except TypeError as e:
             raise ConfigError(f"{src.where(f'rewards[{i}].args')}: key 'rewards[{i}].args' does not fit reward type "
                               f"{tname!r}: {e}") from None
+        check = getattr(types[tname], "check_args", None)  # a reward's own cheap value checks (no model)
+        if check is not None:
+            try:
+                check(**dict(rc.args))
+            except ValueError as e:
+                raise ConfigError(f"{src.where(f'rewards[{i}].args')}: key 'rewards[{i}].args' ({rc.name!r}): {e}") from None
         env = rc.args.get("api_key_env")
         if env and os.environ.get(env) is None:
             raise ConfigError(f"{src.where(f'rewards[{i}].args')}: rewards[{i}] ({rc.name!r}) reads its API key from "

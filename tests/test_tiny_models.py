@@ -5,6 +5,7 @@ shuffled passes (every prompt every step when prompts_per_step == their number) 
 color reward (no partial credit for the color between two targets).
 """
 import itertools
+from pathlib import Path
 
 import pytest
 import torch
@@ -110,3 +111,17 @@ def test_contrastive_color_reward_gives_the_color_between_targets_no_credit():
     # color_accuracy (nearest named color) is unchanged by the option
     acc = ColorAccuracyReward().score(batch, RewardContext()).scores
     assert acc.tolist() == [0.0, 0.0, 1.0, 1.0]
+
+
+def test_a_bad_contrast_temperature_is_one_line_naming_the_key_before_any_model(tmp_path, capsys):
+    import yaml
+
+    from uniloop.rl.cli import main
+    cfg = yaml.safe_load((Path(__file__).parents[1] / "configs" / "quickstart.yaml").read_text())
+    cfg["rewards"][0]["args"] = {"contrast_temperature": -1}
+    cfg["model"]["tiny_dir"] = str(tmp_path / "never_built")
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    assert main(["train", str(tmp_path / "bad.yaml"), "--set", f"output_dir={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "bad.yaml:" in err[0] and "rewards[0].args" in err[0] and "contrast_temperature" in err[0]
+    assert not (tmp_path / "never_built").exists()
