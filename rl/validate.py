@@ -130,7 +130,8 @@ def check_rewards(cfg, src):
             try:
                 check(**dict(rc.args))
             except ValueError as e:
-                raise ConfigError(f"{src.where(f'rewards[{i}].args')}: key 'rewards[{i}].args' ({rc.name!r}): {e}") from None
+                raise ConfigError(f"{src.where(f'rewards[{i}].args')}: key 'rewards[{i}].args' ({rc.name!r}): "
+                                  f"{e}") from None
         env = rc.args.get("api_key_env")
         if env and os.environ.get(env) is None:
             raise ConfigError(f"{src.where(f'rewards[{i}].args')}: rewards[{i}] ({rc.name!r}) reads its API key from "
