@@ -226,6 +226,25 @@ class LearnerRank:
     def optimizer_state(self) -> dict:
         return self.trainer.optimizer.state_dict()
 
+    # learner.mode colocated: this rank also samples (the ColocatedPool's "actor" interface)
+    def set_sampling(self, sampling, seed: int) -> dict:
+        from ..rollouts.worker import RolloutWorker
+        self.sampler = RolloutWorker(self.trainer.policy, sampling, seed, shares_learner_policy=True)
+        return self.info()
+
+    def set_version(self, version: int):
+        self.trainer.policy.version = version
+
+    def generate(self, request, box: list, version: int):
+        """Sample `request` with the weights this rank trains (equal on every DDP rank and to the
+        driver's copy: it loads rank 0's tensors after each update)."""
+        if self.trainer.policy.version != version:
+            raise RuntimeError(f"learner rank {self.rank} is at version {self.trainer.policy.version}, the step "
+                               f"samples with version {version}")
+        t0 = time.perf_counter()
+        batch = self.sampler.generate(request)
+        return batch, {**self.info(), "version": version, "seconds": time.perf_counter() - t0}
+
     def save(self, path: str):
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict
@@ -339,6 +358,11 @@ class LearnerGroup:
             state = self.driver_state(trainer, optimizer=trainer.cfg.learner.strategy == "ddp")
             self._get([h.load.remote(state) for h in self.ranks])
 
+    def rollout_pool(self, sampling, rollout_cfg, seed: int):
+        """learner.mode colocated: the ranks as the step's samplers."""
+        from .colocated import ColocatedPool  # imports Ray's pool: only runs with ranks get here
+        return ColocatedPool(self, sampling, rollout_cfg, seed)
+
     def close(self):
         import ray
         for h in self.ranks:
@@ -359,3 +383,4 @@ def combine_metrics(per_rank: list[dict]) -> dict:
         else:
             out[key] = float(sum(vals) / len(vals))
     return out
+

@@ -40,6 +40,7 @@ class GRPOTrainer(Trainer):
 
     section = "grpo"
     data_parallel = True
+    samples_rollouts = True
     min_generations = 2  # a group of one sample has zero advantage: validation refuses it
 
     def setup(self, worker_pool=None):

@@ -39,6 +39,12 @@ class LearnerConfig:
                              "`lora` adapter (with strategy fsdp: sharded over the ranks). The KL / DPO reference is "
                              "a frozen copy of the starting weights (each rank: its shards); needs in-process "
                              "sampling (rollout.num_workers 0).")
+    mode: str = uf("split", "Where rollouts are sampled while the ranks train. `split`: apart from the ranks, by the "
+                   "driver (rollout.num_workers 0; it gets rank 0's tensors after each update) or by "
+                   "rollout.num_workers Ray actors (sent the tensors after each update). `colocated` (verl's "
+                   "hybrid engine): every step's prompts are sharded over the learner ranks, which sample "
+                   "with the weights they train: no rollout actors, no weight sync to samplers (strategy "
+                   "ddp: every rank holds whole weights).", choices=["split", "colocated"])
     placement_strategy: str = uf("PACK", "Ray placement group strategy of the ranks' bundles (PACK, SPREAD, "
                                  "STRICT_PACK, STRICT_SPREAD: one rank per node).",
                                  choices=["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"])
@@ -49,3 +55,7 @@ class LearnerConfig:
             key = "mixed_precision" if self.mixed_precision != "no" else "cpu_offload"
             raise ConfigError(f"{src.where(f'{prefix}.{key}')}: key '{prefix}.{key}' needs {prefix}.strategy: fsdp "
                               f"(DDP keeps full replicas in the model's dtype)")
+        if self.mode == "colocated" and self.strategy == "fsdp":
+            raise ConfigError(f"{src.where(f'{prefix}.mode')}: key '{prefix}.mode' colocated samples on every rank "
+                              f"with whole weights; strategy fsdp shards them over the ranks (use mode: split, "
+                              f"or strategy: ddp)")

@@ -153,6 +153,7 @@ class OnlineDPOTrainer(PreferenceTrainer):
     """Each round: sample -> score -> select pairs -> `dpo.online_updates` DPO steps on them."""
 
     min_generations = 2  # a pair needs two candidates per prompt
+    samples_rollouts = True
 
     def setup(self, worker_pool=None):
         if self.rewards is None:

@@ -52,6 +52,7 @@ class Trainer:
     # Runs on learner.num_workers > 1 ranks (rl/distributed.py): its `update(scored)` takes this
     # rank's rows through `self.dist` and scales its loss by `self.grad_scale`.
     data_parallel = False
+    samples_rollouts = False  # samples with `self.workers` every step (learner.mode colocated can then shard it)
     dist = None  # a RankContext on a learner rank; None in the driver / the in-process learner
 
     def __init__(self, cfg, worker_pool=None, policy=None):
@@ -79,6 +80,9 @@ class Trainer:
         self.setup(worker_pool)
         if cfg.learner.num_workers > 1:
             self.learners = LearnerGroup(self)  # the ranks start from this policy's tensors
+            if cfg.learner.mode == "colocated" and self.samples_rollouts:  # the ranks sample (rl/colocated.py)
+                self.workers.close()
+                self.workers = self.learners.rollout_pool(self.sampling, cfg.rollout, cfg.seed)
 
     @classmethod
     def for_rank(cls, cfg, spec: PolicySpec, dist):

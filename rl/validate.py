@@ -52,6 +52,8 @@ def validate(cfg: Config):
         check_ranks(cfg, trainer, src)
     if cfg.learner.full_finetune:
         check_full_finetune(cfg, trainer, src)
+    if cfg.learner.mode == "colocated":
+        check_colocated(cfg, trainer, src)
     families = policy_families()
     if cfg.model.family != "auto" and cfg.model.family not in families:
         raise ConfigError(f"{src.where('model.family')}: key 'model.family' must be `auto` or a registered policy "
@@ -98,6 +100,16 @@ def check_ranks(cfg, trainer, src):
     if cfg.flow is not None and cfg.flow.ema_decay:
         raise ConfigError(f"{src.where('flow.ema_decay')}: key 'flow.ema_decay' needs learner.num_workers: 1 (the "
                           f"EMA follows every optimizer step, which runs on the ranks)")
+
+
+def check_colocated(cfg, trainer, src):
+    """learner.mode colocated: the ranks are the samplers, so there must be sampling and no other sampler."""
+    if not getattr(trainer, "samples_rollouts", False):
+        raise ConfigError(f"{src.where('learner.mode')}: key 'learner.mode' colocated shards each step's rollouts "
+                          f"over the ranks; {cfg.algorithm} samples none (its data is fixed)")
+    if cfg.rollout.num_workers:
+        raise ConfigError(f"{src.where('rollout.num_workers')}: key 'rollout.num_workers' must be 0 with "
+                          f"learner.mode colocated (the learner ranks sample; rollout actors are split mode)")
 
 
 def check_full_finetune(cfg, trainer, src):

@@ -169,7 +169,8 @@ def long_run(tiny_janus_dir, root: Path) -> list[str]:
     # lr 1e-3 with the KL keeps every image group's rewards varied for all 20 steps (lr 3e-3 without
     # it collapses every group onto one image by step 7, after which the steps compare nothing)
     return train_overrides(tiny_janus_dir, root / "run") + [
-        f"grpo.max_steps={STEPS}", "grpo.learning_rate=1e-3", "grpo.beta=0.04", "logging.save_every=5"]
+        f"grpo.max_steps={STEPS}", "grpo.learning_rate=1e-3", "grpo.beta=0.04", "logging.save_every=5",
+        "logging.keep_checkpoints=4"]
 
 
 def two_ranks(base: list[str]) -> list[str]:
@@ -212,6 +213,24 @@ def test_two_ranks_log_the_one_rank_rewards_for_20_steps(uninterrupted):
         assert a["health/flat_group_fraction"] < 1.0, a["step"]  # some group still carries a signal
     assert len({r["reward/mean"] for r in one}) > STEPS // 2  # the rewards move
     assert all(r["learner/weights_bytes"] > 0 for r in two) and not any("learner/weights_bytes" in r for r in one)
+
+
+def test_colocated_ranks_sample_the_split_mode_rollouts(ray_local, tiny_janus_dir, tmp_path, uninterrupted):
+    """learner.mode colocated: the ranks shard and sample every step with the weights they train, no
+    tensors go to a sampler, and the run is the split-mode run (the driver sampled with rank 0's
+    tensors): the same rewards step by step, the same adapter at step 5."""
+    out = tmp_path / "colocated"
+    base = long_run(tiny_janus_dir, tmp_path)
+    train(load_config(QUICKSTART, two_ranks(base) + [f"output_dir={out}", "grpo.max_steps=5",
+                                                     "learner.mode=colocated"]), GRPOTrainer)
+    rows, split = read_metrics(out / "metrics.jsonl"), read_metrics(uninterrupted["two"] / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+    for a, b in zip(rows, split):
+        assert a["reward/mean"] == b["reward/mean"] and a["reward/text/mean"] == b["reward/text/mean"], a["step"]
+        assert a["rollout/workers"] == 2.0 and a["sync/bytes"] == 0.0 and "rollout/workers" not in b
+    from safetensors.torch import load_file
+    ckpt = "checkpoints/step_000005/adapter/adapter_model.safetensors"
+    assert max_diff(load_file(str(out / ckpt)), load_file(str(uninterrupted["two"] / ckpt))) == 0.0
 
 
 def test_a_killed_rank_stops_the_run_and_resume_continues_exactly(ray_local, tiny_janus_dir, tmp_path, uninterrupted):
@@ -294,6 +313,9 @@ def test_two_ranks_on_a_two_node_cluster_put_one_rank_on_each_node(tiny_janus_di
     (["learner.num_workers=2", "algorithm=flow_grpo", "flow.ema_decay=0.9"], "flow.ema_decay"),
     (["learner.full_finetune=true", "algorithm=diffusion_dpo"], "learner.full_finetune"),
     (["learner.full_finetune=true", "grpo.beta=0.0", "rollout.num_workers=2"], "rollout.num_workers"),
+    (["learner.num_workers=2", "learner.mode=colocated", "learner.strategy=fsdp"], "learner.mode"),
+    (["learner.num_workers=2", "learner.mode=colocated", "rollout.num_workers=1"], "rollout.num_workers"),
+    (["learner.num_workers=2", "learner.mode=colocated", "algorithm=dpo"], "learner.mode"),
 ])
 def test_bad_learner_settings_exit_2_naming_the_key_before_any_model_loads(sets, key, tmp_path, capsys):
     from uniloop.rl.cli import main
