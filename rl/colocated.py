@@ -22,6 +22,7 @@ class ColocatedPool(RayWorkerPool):
     def __init__(self, group, sampling, rollout_cfg, seed: int):
         """`group`: the LearnerGroup whose ranks sample; `sampling` and `seed`: as an in-process worker's."""
         self.group, self.ray_cfg, self.started_ray = group, None, False
+        self.full_weights, self._full_source = False, None  # nothing is sent: the ranks hold the weights
         self.rc = dataclasses.replace(rollout_cfg, max_restarts=0, one_step_off=False)
         infos = group._get([h.set_sampling.remote(sampling, seed) for h in group.ranks])
         self.slots = [_ActorSlot(i, h, info["pid"], info["node_id"])

@@ -82,6 +82,9 @@ class RolloutConfig:
     max_staleness: int = uf(0, "Largest allowed gap between the learner's adapter version and a rollout's "
                             "(0 = strictly on-policy).")
     max_restarts: int = uf(3, "Restarts allowed per rollout actor before the run gives up.")
+    weight_bucket_mb: float = uf(512.0, "learner.full_finetune: the trained weights travel from the learner ranks "
+                                 "to the driver and from the driver to the rollout actors in buckets of at most "
+                                 "this many MiB (at most two in flight), never as a second full copy.", gt=0)
     scoring_chunks: int = uf(0, "Chunks each task's rollout is sampled in, so that async rewards (judges, reward "
                              "actors; `async_scoring`) score chunk i while chunk i+1 samples. 0 = auto: one chunk "
                              "per forward batch of `batch_size` samples on every worker (at least 2) when an async "

@@ -57,15 +57,17 @@ def nft_loss(v: torch.Tensor, v_old: torch.Tensor, x_t: torch.Tensor, x0: torch.
 class DiffusionNFTTrainer(FlowGRPOTrainer):
     """Flow-GRPO's prompts, rewards, advantages, workers and checkpoints; the NFT update."""
 
-    data_parallel = False  # its update keeps the sampling adapter (an EMA) beside the trained one: 1 rank
-
     def setup(self, worker_pool=None):
-        f = self.cfg.flow
-        # the sampling (old) policy: equal to the trained one at step 0
-        self.old = AdapterEMA(self.policy, linear_decay(f.nft_old_decay_rate, f.nft_old_decay_max))
         self.sampling.image["sde_type"] = "ode"  # deterministic sampling: no log-probs needed
         self.sampling.image["sde_window"] = None
         super().setup(worker_pool)
+
+    def rank_setup(self):
+        super().rank_setup()
+        f = self.cfg.flow
+        # the sampling (old) policy: equal to the trained one at step 0; on learner ranks each rank keeps
+        # one (the update reads it), rank 0's returns to the driver, which samples with it
+        self.old = AdapterEMA(self.policy, linear_decay(f.nft_old_decay_rate, f.nft_old_decay_max))
 
     def sampling_weights(self):
         return self.old.swapped()
@@ -101,16 +103,20 @@ class DiffusionNFTTrainer(FlowGRPOTrainer):
         stats = {"loss": [], "grad_norm": [], "kl": [], "r": []}
         dev = policy.device
         for _ in range(g.num_iterations):
-            for group in accumulation_groups(rows, g.per_device_train_batch_size, g.gradient_accumulation_steps):
-                n_rows = sum(len(m) for m in group)
+            # global micro-batches (per_device_train_batch_size rows on each learner rank), each rank its rows
+            groups = accumulation_groups(rows, g.per_device_train_batch_size * self.learner_world,
+                                         g.gradient_accumulation_steps)
+            for group in groups:
+                n_rows = sum(len(m) for m in group)  # the normaliser of the whole optimizer step
                 self.optimizer.zero_grad(set_to_none=True)
                 step_loss = 0.0
-                for idx in group:
-                    b = sb.batch.select(idx)
+                for mi, idx in enumerate(group):
+                    mine, share = self.rank_rows(idx)
+                    b = sb.batch.select(mine)
                     x0 = b.latents[:, -1].to(dev)
-                    adv = sb.advantages[idx].to(dev)
-                    for t_all, eps_all in draws:
-                        t, eps = t_all[idx].to(dev), eps_all[idx].to(dev)
+                    adv = sb.advantages[mine].to(dev)
+                    for di, (t_all, eps_all) in enumerate(draws):
+                        t, eps = t_all[mine].to(dev), eps_all[mine].to(dev)
                         x_t = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * eps
                         # the frozen velocities first: swapping the old adapter in writes the weights
                         with torch.no_grad():
@@ -120,15 +126,23 @@ class DiffusionNFTTrainer(FlowGRPOTrainer):
                             if f.nft_kl_weight:
                                 with policy.reference():
                                     v_ref = policy.velocity(x_t, t, b.prompts, 1.0)
-                        v = policy.velocity(x_t, t, b.prompts, 1.0)
-                        per, r = nft_loss(v, v_old, x_t, x0, t, adv, f.nft_beta, f.adv_clip_max, v_ref,
-                                          f.nft_kl_weight)
-                        loss = per.sum() / (n_rows * len(draws))
-                        loss.backward()
-                        step_loss += loss.item()
+                        held = []
+
+                        def compute():
+                            v = policy.velocity(x_t, t, b.prompts, 1.0)
+                            per, r = nft_loss(v, v_old, x_t, x0, t, adv, f.nft_beta, f.adv_clip_max, v_ref,
+                                              f.nft_kl_weight)
+                            held.append((v.detach(), r.detach()))
+                            return per.sum() / (n_rows * len(draws))
+
+                        last = mi == len(group) - 1 and di == len(draws) - 1
+                        step_loss += self.rank_backward(compute, share, last).item()
+                        if not share:  # a rank without rows of this micro-batch only joined the reduction
+                            continue
+                        v, r = held[0]
                         stats["r"].append(r.mean().item())
                         if v_ref is not None:
-                            stats["kl"].append(((v.detach() - v_ref) ** 2).mean().item())
+                            stats["kl"].append(((v - v_ref) ** 2).mean().item())
                 stats["grad_norm"].append(self.optimizer_step())
                 stats["loss"].append(step_loss)
         decay = self.old.step()

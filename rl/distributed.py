@@ -28,6 +28,7 @@ import warnings
 import torch
 
 from ..policies.registry import PolicySpec, resolve_checkpoint
+from ..rollouts.weight_sync import bucket_bytes, iter_trainable, nbytes, tensor_buckets
 
 LEARNER_DIR = "learner"  # inside a checkpoint: the ranks' DCP files
 
@@ -44,24 +45,19 @@ def trainable_state(policy, keep: bool = True) -> dict[str, torch.Tensor]:
     """The trainable tensors by name, full, on CPU. An FSDP2 shard is gathered one parameter at a time
     (`DTensor.full_tensor`, a collective every rank joins; `keep=False` drops it at once), so no device
     ever holds a second full copy of the model."""
-    out = {}
-    for name, p in policy.model.named_parameters():
-        if p.requires_grad:
-            t = p.detach()
-            t = (t.full_tensor() if hasattr(t, "full_tensor") else t).cpu().clone()
-            if keep:
-                out[name] = t
-    return out
+    return dict(iter_trainable(policy, keep))
 
 
 @torch.no_grad()
-def load_trainable_state(policy, state: dict[str, torch.Tensor]):
-    """Copy `state` (from `trainable_state`) into the policy's trainable parameters, in place."""
+def load_trainable_state(policy, state: dict[str, torch.Tensor], partial: bool = False):
+    """Copy `state` (from `trainable_state`; `partial`: a bucket of it) into the policy's trainable
+    parameters, in place."""
     params = {n: p for n, p in policy.model.named_parameters() if p.requires_grad}
-    missing = sorted(set(params) ^ set(state))
+    missing = sorted(set(state) - set(params) if partial else set(params) ^ set(state))
     if missing:
         raise ValueError(f"trainable tensors do not match the policy: {missing[:3]}")
-    for name, p in params.items():
+    for name in state:
+        p = params[name]
         value = state[name].to(p.device, p.dtype)
         if hasattr(p, "redistribute"):  # a DTensor shard: keep this rank's part of the full tensor
             from torch.distributed.tensor import distribute_tensor
@@ -209,8 +205,15 @@ class LearnerRank:
         t.policy.version = state["version"]
         if state.get("optimizer") is not None:
             t.optimizer.load_state_dict(state["optimizer"])
+        self.load_extra(state.get("extra") or {})
 
-    def update(self, box: list, version: int, step: int) -> dict:
+    def load_extra(self, extra: dict):
+        """The algorithm's update state (`Trainer.extra_state`: an EMA of the adapter) from the driver."""
+        if extra:
+            self.trainer.load_extra_state(extra)
+
+    def update(self, box: list, version: int, step: int, weights: bool = True) -> dict:
+        """One update; rank 0 returns the trainable tensors (`weights`; else `weight_buckets` streams them)."""
         import ray
         scored = ray.get(box[0])
         t = self.trainer
@@ -218,10 +221,18 @@ class LearnerRank:
         t0 = time.perf_counter()
         metrics = t.update(scored)
         out = {"metrics": metrics, "seconds": time.perf_counter() - t0, "peak_rss_mb": peak_rss_mb()}
-        weights = trainable_state(t.policy, keep=self.rank == 0)  # FSDP2: every rank joins the gathers
         if self.rank == 0:
-            out["weights"] = weights
+            out["extra"] = t.extra_state()  # e.g. the EMA the driver samples / evaluates with
+        if weights:
+            state = trainable_state(t.policy, keep=self.rank == 0)  # FSDP2: every rank joins the gathers
+            if self.rank == 0:
+                out["weights"] = state
         return out
+
+    def weight_buckets(self, limit: int):
+        """Full weights (a Ray streaming generator): every rank runs the gathers in the same order, rank 0
+        yields them in buckets of at most `limit` bytes, as they fill."""
+        yield from tensor_buckets(iter_trainable(self.trainer.policy, keep=self.rank == 0), limit)
 
     def optimizer_state(self) -> dict:
         return self.trainer.optimizer.state_dict()
@@ -242,7 +253,8 @@ class LearnerRank:
             raise RuntimeError(f"learner rank {self.rank} is at version {self.trainer.policy.version}, the step "
                                f"samples with version {version}")
         t0 = time.perf_counter()
-        batch = self.sampler.generate(request)
+        with self.trainer.sampling_weights():  # an algorithm may sample with other weights (an EMA)
+            batch = self.sampler.generate(request)
         return batch, {**self.info(), "version": version, "seconds": time.perf_counter() - t0}
 
     def save(self, path: str):
@@ -315,30 +327,65 @@ class LearnerGroup:
     @staticmethod
     def driver_state(trainer, optimizer: bool = False) -> dict:
         return {"weights": trainable_state(trainer.policy), "version": trainer.policy.version,
-                "optimizer": trainer.optimizer.state_dict() if optimizer else None}
+                "optimizer": trainer.optimizer.state_dict() if optimizer else None, "extra": trainer.extra_state()}
 
     def _get(self, futures):
         import ray
         try:
             return ray.get(futures)
         except ray.exceptions.RayActorError as e:
-            raise RuntimeError(f"a learner rank died ({e.__class__.__name__}); the ranks were "
-                               f"{[(i['rank'], i['pid'], i['node_id'][:8]) for i in self.info]}. Restart the run "
-                               f"with --resume: it continues from the last checkpoint on any number of ranks") from e
+            raise self.died(e) from e
+
+    def died(self, e: BaseException) -> RuntimeError:
+        return RuntimeError(f"a learner rank died ({e.__class__.__name__}); the ranks were "
+                            f"{[(i['rank'], i['pid'], i['node_id'][:8]) for i in self.info]}. Restart the run "
+                            f"with --resume: it continues from the last checkpoint on any number of ranks")
 
     def update(self, trainer, scored) -> dict:
         """One update on every rank; the driver's policy gets rank 0's trainable tensors."""
         import ray
-        box = [ray.put(scored)]
-        outs = self._get([h.update.remote(box, trainer.policy.version, trainer.step) for h in self.ranks])
+        box, stream = [ray.put(scored)], trainer.cfg.learner.full_finetune
+        outs = self._get([h.update.remote(box, trainer.policy.version, trainer.step, not stream)
+                          for h in self.ranks])
         t0 = time.perf_counter()
-        load_trainable_state(trainer.policy, outs[0]["weights"])
-        self.last = {"learner/weights_load_seconds": time.perf_counter() - t0,
-                     "learner/weights_bytes": float(sum(t.numel() * t.element_size()
-                                                        for t in outs[0]["weights"].values())),
+        if stream:
+            moved = self.pull_buckets(trainer)
+        else:
+            load_trainable_state(trainer.policy, outs[0]["weights"])
+            moved = {"learner/weights_bytes": float(nbytes(outs[0]["weights"]))}
+        if outs[0].get("extra"):
+            trainer.load_extra_state(outs[0]["extra"])
+        self.last = {**moved, "learner/weights_load_seconds": time.perf_counter() - t0,
                      "learner/rank_seconds_max": max(o["seconds"] for o in outs),
                      "learner/peak_rss_mb_max": max(o["peak_rss_mb"] for o in outs)}
         return {**trainer.combine_rank_metrics([o["metrics"] for o in outs]), **self.last}
+
+    def pull_buckets(self, trainer) -> dict:
+        """Full weights from rank 0 into the driver's policy bucket by bucket (rollouts/weight_sync.py): Ray
+        keeps rank 0 at most two buckets ahead, so no process holds a second full copy."""
+        import ray
+        limit = bucket_bytes(trainer.cfg.rollout.weight_bucket_mb)
+        streams = [h.weight_buckets.options(num_returns="streaming", _generator_backpressure_num_objects=2)
+                   .remote(limit) for h in self.ranks]
+        names, size, count, biggest = set(), 0, 0, 0
+        try:
+            for ref in streams[0]:
+                bucket = ray.get(ref)
+                load_trainable_state(trainer.policy, bucket, partial=True)
+                names.update(bucket)
+                n = nbytes(bucket)
+                size, count, biggest = size + n, count + 1, max(biggest, n)
+                del bucket, ref
+            for rest in streams[1:]:  # the other ranks yield nothing; this waits for their gathers
+                for ref in rest:
+                    ray.get(ref)
+        except ray.exceptions.RayActorError as e:
+            raise self.died(e) from e
+        want = {n for n, p in trainer.policy.model.named_parameters() if p.requires_grad}
+        if names != want:
+            raise RuntimeError(f"the learner ranks sent {len(names)} of {len(want)} trained tensors")
+        return {"learner/weights_bytes": float(size), "learner/weight_buckets": float(count),
+                "learner/max_bucket_bytes": float(biggest)}
 
     def pull_optimizer(self, trainer):
         """DDP: every rank holds the whole optimizer state; the driver's copy makes its checkpoint
@@ -354,6 +401,7 @@ class LearnerGroup:
         path = ckpt / LEARNER_DIR
         if path.exists():
             self._get([h.restore.remote(str(path.absolute()), trainer.policy.version) for h in self.ranks])
+            self._get([h.load_extra.remote(trainer.extra_state()) for h in self.ranks])
         else:
             state = self.driver_state(trainer, optimizer=trainer.cfg.learner.strategy == "ddp")
             self._get([h.load.remote(state) for h in self.ranks])

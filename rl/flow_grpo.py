@@ -100,9 +100,12 @@ class FlowGRPOTrainer(GRPOTrainer):
     default_sections = {"flow": FlowConfig}
 
     def setup(self, worker_pool=None):
-        f = self.cfg.flow
-        self.ema = AdapterEMA(self.policy, flow_grpo_decay(f.ema_decay), f.ema_update_every) if f.ema_decay else None
+        self.rank_setup()
         super().setup(worker_pool)
+
+    def rank_setup(self):
+        f = self.cfg.flow  # the EMA follows every optimizer step: on learner ranks it lives there
+        self.ema = AdapterEMA(self.policy, flow_grpo_decay(f.ema_decay), f.ema_update_every) if f.ema_decay else None
 
     def build_tasks(self) -> list:
         if self.cfg.image_task is None:
@@ -127,7 +130,7 @@ class FlowGRPOTrainer(GRPOTrainer):
 
     def optimizer_step(self) -> float:
         norm = super().optimizer_step()
-        if getattr(self, "ema", None) is not None:  # a learner rank keeps none (validation: num_workers 1)
+        if self.ema is not None:
             self.ema.step()
         return norm
 

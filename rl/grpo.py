@@ -55,7 +55,7 @@ class GRPOTrainer(Trainer):
         self.flat_streak = 0  # consecutive steps with most groups flat (watch_learning_signal)
         # In-process sampling shares the learner's policy object; a Ray pool ships adapter tensors.
         self.workers = worker_pool or make_pool(self.policy, self.spec, self.sampling, self.cfg.rollout,
-                                                self.cfg.seed, self.cfg.ray)
+                                                self.cfg.seed, self.cfg.ray, self.cfg.learner.full_finetune)
 
     def build_tasks(self) -> list:
         return build_tasks(self.cfg, self.policy.image_size)

@@ -37,8 +37,8 @@ class LearnerConfig:
                            "(FSDP2 CPUOffloadPolicy).")
     full_finetune: bool = uf(False, "Train every weight of the language model's decoder layers instead of the "
                              "`lora` adapter (with strategy fsdp: sharded over the ranks). The KL / DPO reference is "
-                             "a frozen copy of the starting weights (each rank: its shards); needs in-process "
-                             "sampling (rollout.num_workers 0).")
+                             "a frozen copy of the starting weights (each rank: its shards); Ray rollout actors "
+                             "get the full weights in buckets of rollout.weight_bucket_mb.")
     mode: str = uf("split", "Where rollouts are sampled while the ranks train. `split`: apart from the ranks, by the "
                    "driver (rollout.num_workers 0; it gets rank 0's tensors after each update) or by "
                    "rollout.num_workers Ray actors (sent the tensors after each update). `colocated` (verl's "

@@ -162,7 +162,7 @@ class OnlineDPOTrainer(PreferenceTrainer):
             raise ValueError("online_dpo needs rollout.num_generations >= 2 candidates per prompt")
         self.tasks = self.eval_tasks = build_tasks(self.cfg, self.policy.image_size)
         self.workers = worker_pool or make_pool(self.policy, self.spec, self.sampling, self.cfg.rollout,
-                                                self.cfg.seed, self.cfg.ray)
+                                                self.cfg.seed, self.cfg.ray, self.cfg.learner.full_finetune)
 
     def train_step(self) -> StepResult:
         d, step = self.opt, self.step + 1

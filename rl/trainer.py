@@ -100,7 +100,13 @@ class Trainer:
         if cfg.learner.full_finetune and self.uses_reference():  # this rank's shards of the starting weights
             self.policy.freeze_reference()
         self.optimizer = make_optimizer(self.policy, self.opt)
+        self.rank_setup()
         return self
+
+    def rank_setup(self):
+        """On a learner rank, after its optimizer: the update's own state (an EMA that follows every
+        optimizer step). Rank 0's `extra_state()` goes back to the driver after every update, and the
+        driver's reaches the ranks at start and on resume."""
 
     def uses_reference(self) -> bool:
         """Does the update read reference log-probs (`policy.reference()`)? Full fine-tuning then keeps a

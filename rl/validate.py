@@ -96,10 +96,8 @@ def check_ranks(cfg, trainer, src):
         return
     if cfg.learner.strategy == "fsdp":
         raise ConfigError(f"{src.where('learner.strategy')}: key 'learner.strategy' must be ddp for {cfg.algorithm} "
-                          f"(fsdp shards a unified model's language-model decoder layers)")
-    if cfg.flow is not None and cfg.flow.ema_decay:
-        raise ConfigError(f"{src.where('flow.ema_decay')}: key 'flow.ema_decay' needs learner.num_workers: 1 (the "
-                          f"EMA follows every optimizer step, which runs on the ranks)")
+                          f"(fsdp shards a unified model's language-model decoder layers; a flow transformer's "
+                          f"adapter and its EMA stay replicated)")
 
 
 def check_colocated(cfg, trainer, src):
@@ -114,14 +112,10 @@ def check_colocated(cfg, trainer, src):
 
 def check_full_finetune(cfg, trainer, src):
     """Full fine-tuning trains a unified model's decoder weights (its KL / DPO reference: a frozen copy of
-    them, `PeftPolicy.freeze_reference`) and ships no full weights to Ray rollout actors (they load
-    adapters)."""
+    them, `PeftPolicy.freeze_reference`); Ray rollout actors then get full weights in buckets."""
     if getattr(trainer, "policy_section", "model") != "model" or not getattr(trainer, "data_parallel", False):
         raise ConfigError(f"{src.where('learner.full_finetune')}: key 'learner.full_finetune' is supported by "
                           f"the unified-model algorithms that run on learner ranks, not {cfg.algorithm}")
-    if cfg.rollout.num_workers:
-        raise ConfigError(f"{src.where('rollout.num_workers')}: key 'rollout.num_workers' must be 0 with "
-                          f"learner.full_finetune (Ray rollout actors receive adapter tensors only)")
 
 
 def check_rewards(cfg, src):

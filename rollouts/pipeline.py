@@ -96,11 +96,12 @@ class InProcessPool:
         pass
 
 
-def make_pool(policy, spec, sampling: Sampling, settings, seed: int, ray_cfg=None):
-    """Ray actors when `settings.num_workers` > 0 (each building its copy from the PolicySpec `spec`),
-    else a worker in this process sharing `policy`. `settings`: num_workers, num_cpus_per_worker,
-    num_gpus_per_worker, max_restarts, max_staleness, one_step_off (the `rollout` config section)."""
+def make_pool(policy, spec, sampling: Sampling, settings, seed: int, ray_cfg=None, full_weights: bool = False):
+    """Ray actors when `settings.num_workers` > 0 (each building its copy from the PolicySpec `spec`;
+    `full_weights`: they are sent every trained tensor, not an adapter), else a worker in this process
+    sharing `policy`. `settings`: num_workers, num_cpus_per_worker, num_gpus_per_worker, max_restarts,
+    max_staleness, one_step_off, weight_bucket_mb (the `rollout` config section)."""
     if settings.num_workers > 0:
         from .ray_pool import RayWorkerPool  # Ray is imported only by runs that use it
-        return RayWorkerPool(spec, sampling, settings, seed, ray_cfg)
+        return RayWorkerPool(spec, sampling, settings, seed, ray_cfg, full_weights=full_weights)
     return InProcessPool(RolloutWorker(policy, sampling, seed, shares_learner_policy=True))

@@ -32,6 +32,9 @@ import torch
 from ..policies.batches import concat_rollouts
 from ..policies.registry import PolicySpec, build_policy, resolve_checkpoint
 from ..rewards.actors import init_ray, wait_for_restart
+from .weight_sync import DEFAULT_BUCKET_MB, NamedLoader, send_buckets
+from .weight_sync import checksum as adapter_checksum
+from .weight_sync import nbytes as state_nbytes
 from .worker import RolloutRequest, RolloutWorker, Sampling
 
 ACTOR_START_TIMEOUT_S = 600  # a pending actor (no free CPU/GPU in the cluster) fails after this
@@ -47,16 +50,6 @@ def _quiet_hf():
         hf_logging.set_verbosity_error()
     except Exception:  # transformers missing or changed: noise only
         pass
-
-
-def adapter_checksum(state: dict[str, torch.Tensor]) -> float:
-    """A cheap fingerprint of adapter tensors: the sampler reports it back after loading."""
-    return float(sum(t.detach().double().sum().item() + t.detach().double().abs().sum().item() * 1e-3
-                     for _, t in sorted(state.items())))
-
-
-def state_nbytes(state: dict[str, torch.Tensor]) -> int:
-    return sum(t.numel() * t.element_size() for t in state.values())
 
 
 # ----------------------------------------------------------------------------- the actor
@@ -108,6 +101,20 @@ class RolloutActor:
 
     def adapter_state(self) -> dict:
         return self.policy.adapter_state_dict()
+
+    # learner.full_finetune: full weights arrive in buckets (rollouts/weight_sync.py)
+    def load_weights(self, box: list, version: int) -> dict:
+        t0 = time.perf_counter()
+        if getattr(self, "loader", None) is None:
+            self.loader = NamedLoader(self.policy.model)
+        sums = self.loader.load(ray.get(box[0]), version)
+        return {"seconds": time.perf_counter() - t0, "checksum": sums}
+
+    def finish_weights(self, version: int, tensors: int) -> dict:
+        """Every bucket of `version` arrived: from now on this actor samples with it."""
+        self.loader.finish(version, tensors)
+        self.policy.version = version
+        return self.info()
 
 
 def _is_actor_failure(err: BaseException) -> bool:
@@ -169,12 +176,15 @@ class RayWorkerPool:
     (rollout jobs; `rollout.one_step_off`).
     """
 
-    def __init__(self, spec: PolicySpec, sampling: Sampling, settings, seed: int, ray_cfg=None):
+    def __init__(self, spec: PolicySpec, sampling: Sampling, settings, seed: int, ray_cfg=None,
+                 full_weights: bool = False):
         """`spec`: the policy every actor builds (a `tiny` one is built here, once, before the actors
         start); `settings`: num_workers, num_cpus_per_worker, num_gpus_per_worker, max_restarts,
         max_staleness, one_step_off (the `rollout` config section); `ray_cfg`: address, num_cpus,
-        temp_dir (the `ray` section) or None."""
+        temp_dir (the `ray` section) or None; `full_weights`: sync every trainable tensor of a fully
+        fine-tuned policy, bucket by bucket (rollouts/weight_sync.py), instead of its adapter."""
         rc = settings
+        self.full_weights, self._full_source = full_weights, None
         if rc.num_workers < 1:
             raise ValueError(f"rollout.num_workers must be >= 1 for a Ray pool, got {rc.num_workers}")
         self.rc, self.ray_cfg = rc, ray_cfg
@@ -309,6 +319,8 @@ class RayWorkerPool:
         pid = wait_for_restart(slot.handle, f"rollout actor {index}", slot.restarts,
                                f"rollout.max_restarts={self.rc.max_restarts}", err)
         self._note_pid(index, pid)
+        if self.full_weights and self._full_source is not None:  # the new process holds the base weights
+            self.sync_full(self._full_source, self.version, [index])
 
     def _note_pid(self, index: int, pid: int, node_id: str | None = None):
         """A new process behind actor `index` = one restart (several failed calls may share it)."""
@@ -367,7 +379,10 @@ class RayWorkerPool:
 
     # ------------------------------------------------------------------ weights
     def sync(self, policy, version: int):
-        """Ship the learner's adapter: one put, one get per actor, tagged with `version`."""
+        """Ship the learner's adapter: one put, one get per actor, tagged with `version` (full weights:
+        bucket by bucket, `sync_full`)."""
+        if self.full_weights:
+            return self.sync_full(policy, version)
         t0 = time.perf_counter()
         state = policy.adapter_state_dict()
         ref = ray.put(state)
@@ -380,6 +395,17 @@ class RayWorkerPool:
         # with one_step_off the actors are busy with the prefetched step and load this right after it;
         # the acks are checked at the next generate
         self._sync_stats["sync/seconds"] = time.perf_counter() - t0
+
+    def sync_full(self, policy, version: int, actors: list[int] | None = None):
+        """Every trainable tensor of `policy` to the actors (all, or `actors`), in buckets of at most
+        rollout.weight_bucket_mb; an actor restarted meanwhile gets them again."""
+        self._full_source = policy
+        handles = {i: self.slots[i].handle for i in (range(len(self.slots)) if actors is None else actors)}
+        stats = send_buckets(policy, handles, version, getattr(self.rc, "weight_bucket_mb", DEFAULT_BUCKET_MB),
+                             self._recover)
+        self.version, self.box = version, [None]
+        if actors is None:
+            self._sync_stats = stats
 
     def _finish_acks(self):
         """Wait for the actors' acknowledgements of the last sync and check what they loaded."""

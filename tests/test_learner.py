@@ -218,7 +218,11 @@ def test_two_ranks_log_the_one_rank_rewards_for_20_steps(uninterrupted):
 def test_colocated_ranks_sample_the_split_mode_rollouts(ray_local, tiny_janus_dir, tmp_path, uninterrupted):
     """learner.mode colocated: the ranks shard and sample every step with the weights they train, no
     tensors go to a sampler, and the run is the split-mode run (the driver sampled with rank 0's
-    tensors): the same rewards step by step, the same adapter at step 5."""
+    tensors): the same rewards step by step, the same adapter at step 5. Not bitwise: each colocated rank
+    samples its own shard (other batch shapes than the driver's whole batch), so the matmuls round per
+    CPU (AMD vs Intel differ, measured 3e-8 on a step-2 reward); a flipped token or pixel moves a reward
+    mean by >= 1e-3, and AdamW turns rounding into at most ~lr/4 per element, so the bounds are
+    1e-5 on rewards and lr/2 = 5e-4 (max) and 1% (relative to the update) on the adapter."""
     out = tmp_path / "colocated"
     base = long_run(tiny_janus_dir, tmp_path)
     train(load_config(QUICKSTART, two_ranks(base) + [f"output_dir={out}", "grpo.max_steps=5",
@@ -226,11 +230,19 @@ def test_colocated_ranks_sample_the_split_mode_rollouts(ray_local, tiny_janus_di
     rows, split = read_metrics(out / "metrics.jsonl"), read_metrics(uninterrupted["two"] / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
     for a, b in zip(rows, split):
-        assert a["reward/mean"] == b["reward/mean"] and a["reward/text/mean"] == b["reward/text/mean"], a["step"]
+        assert abs(a["reward/mean"] - b["reward/mean"]) < 1e-5, a["step"]
+        assert abs(a["reward/text/mean"] - b["reward/text/mean"]) < 1e-5, a["step"]
         assert a["rollout/workers"] == 2.0 and a["sync/bytes"] == 0.0 and "rollout/workers" not in b
     from safetensors.torch import load_file
     ckpt = "checkpoints/step_000005/adapter/adapter_model.safetensors"
-    assert max_diff(load_file(str(out / ckpt)), load_file(str(uninterrupted["two"] / ckpt))) == 0.0
+    colocated, split5 = load_file(str(out / ckpt)), load_file(str(uninterrupted["two"] / ckpt))
+    assert max_diff(colocated, split5) < 5e-4
+    # PEFT starts every lora_B at zero, so its norm at step 5 is the size of five updates
+    b_keys = [k for k in split5 if "lora_B" in k]
+    update = sum((split5[k].double() ** 2).sum() for k in b_keys) ** 0.5
+    gap = sum(((colocated[k] - split5[k]).double() ** 2).sum() for k in b_keys) ** 0.5
+    assert update > 0
+    assert gap < 1e-2 * update
 
 
 def test_a_killed_rank_stops_the_run_and_resume_continues_exactly(ray_local, tiny_janus_dir, tmp_path, uninterrupted):
@@ -308,11 +320,10 @@ def test_two_ranks_on_a_two_node_cluster_put_one_rank_on_each_node(tiny_janus_di
     (["learner.cpu_offload=true"], "learner.cpu_offload"),
     (["learner.num_workers=0"], "learner.num_workers"),
     (["learner.strategy=zero3"], "learner.strategy"),
-    (["learner.num_workers=2", "algorithm=diffusion_nft"], "learner.num_workers"),
+    (["learner.num_workers=2", "algorithm=diffusion_dpo", "learner.mode=colocated"], "learner.mode"),
     (["learner.num_workers=2", "algorithm=flow_grpo", "learner.strategy=fsdp"], "learner.strategy"),
-    (["learner.num_workers=2", "algorithm=flow_grpo", "flow.ema_decay=0.9"], "flow.ema_decay"),
     (["learner.full_finetune=true", "algorithm=diffusion_dpo"], "learner.full_finetune"),
-    (["learner.full_finetune=true", "grpo.beta=0.0", "rollout.num_workers=2"], "rollout.num_workers"),
+    (["learner.full_finetune=true", "rollout.weight_bucket_mb=0"], "rollout.weight_bucket_mb"),
     (["learner.num_workers=2", "learner.mode=colocated", "learner.strategy=fsdp"], "learner.mode"),
     (["learner.num_workers=2", "learner.mode=colocated", "rollout.num_workers=1"], "rollout.num_workers"),
     (["learner.num_workers=2", "learner.mode=colocated", "algorithm=dpo"], "learner.mode"),

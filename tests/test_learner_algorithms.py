@@ -70,9 +70,16 @@ def recipe(name, tiny_janus_dir, tiny_sd3_dir, janus_adapter, sd3_adapter, out):
             "rollout.num_generations=4", "rollout.cfg_scale=1.0", "dpo.online_pairs_per_prompt=2",
             "dpo.online_margin=0.0", "dpo.online_updates=2", "dpo.max_steps=1", "dpo.learning_rate=1e-3",
             "dpo.eval_steps=0"], 2, "dpo/loss")
-    if name == "flow_grpo":  # KL against the adapter-disabled reference, 2 micro-batches per optimizer step
-        return (str(configs / "flow_grpo_quickstart.yaml"), common + flow + [
-            "flow.cfg_scale=2.0", "flow.noise_level=0.7", "flow.ema_decay=0.0", "rollout.num_generations=4",
+    if name == "diffusion_nft":  # the old (sampling) adapter is swapped in on the ranks and moves after the update
+        return (str(configs / "diffusion_nft_quickstart.yaml"), common + flow + [
+            "flow.nft_timesteps=2", "flow.nft_kl_weight=1e-2", "rollout.num_generations=4",
+            "image_task.prompts=[a red image, a blue image]", "image_task.prompts_per_step=2",
+            "grpo.learning_rate=1e-3", "grpo.gradient_accumulation_steps=1", "grpo.max_steps=1",
+            "grpo.eval_steps=0", "flow.nft_old_decay_rate=0.5"], 2, "loss")
+    if name in ("flow_grpo", "flow_grpo_ema"):  # KL to the adapter-free reference, 2 micro-batches per step
+        ema = ["flow.ema_decay=0.9", "flow.ema_update_every=1"] if name == "flow_grpo_ema" else ["flow.ema_decay=0.0"]
+        return (str(configs / "flow_grpo_quickstart.yaml"), common + flow + ema + [
+            "flow.cfg_scale=2.0", "flow.noise_level=0.7", "rollout.num_generations=4",
             "image_task.prompts=[a red image, a blue image]", "image_task.prompts_per_step=2",
             "rewards=[{name: color}]", "grpo.learning_rate=1e-3", "grpo.beta=0.04", "grpo.num_iterations=1",
             "grpo.gradient_accumulation_steps=2", "grpo.max_steps=1", "grpo.eval_steps=0"], 2, "loss")
@@ -84,21 +91,22 @@ def recipe(name, tiny_janus_dir, tiny_sd3_dir, janus_adapter, sd3_adapter, out):
 
 
 def one_step(recipe_file, overrides, name):
-    trainer = algorithms()[name](load_config(recipe_file, overrides))
+    trainer = algorithms()[name.removesuffix("_ema")](load_config(recipe_file, overrides))
     try:
         before, watch = trainable_state(trainer.policy), AdamConditioning(trainer)
         metrics, _ = trainer.train_step()
         metrics["_conditioned"] = watch.masks()
+        metrics["_extra"] = trainer.extra_state()  # the EMA / old adapter the driver samples with
         return before, trainable_state(trainer.policy), metrics
     finally:
         trainer.close()
 
 
-@pytest.mark.parametrize("name", ["dpo", "online_dpo", "flow_grpo", "diffusion_dpo"])
+@pytest.mark.parametrize("name", ["dpo", "online_dpo", "flow_grpo", "flow_grpo_ema", "diffusion_dpo", "diffusion_nft"])
 def test_two_ranks_make_the_one_rank_update(name, ray_local, tiny_janus_dir, tiny_sd3_dir, janus_adapter,
                                            sd3_adapter, tmp_path):
     file, base, p, loss_key = recipe(name, tiny_janus_dir, tiny_sd3_dir, janus_adapter, sd3_adapter, tmp_path / "run")
-    section = "grpo" if name == "flow_grpo" else "dpo"
+    section = "grpo" if name.startswith(("flow_grpo", "diffusion_nft")) else "dpo"
     w0, w1, m1 = one_step(file, base + [f"{section}.per_device_train_batch_size={2 * p}",
                                         f"output_dir={tmp_path / 'one'}"], name)
     v0, w2, m2 = one_step(file, base + RANKS + [f"{section}.per_device_train_batch_size={p}",
@@ -115,3 +123,9 @@ def test_two_ranks_make_the_one_rank_update(name, ray_local, tiny_janus_dir, tin
     assert left < 0.01 * total, left
     assert abs(m1[loss_key] - m2[loss_key]) < 1e-6 * max(1.0, abs(m1[loss_key]))
     assert m2["learner/weights_bytes"] > 0 and "learner/weights_bytes" not in m1
+    for key, state in m1["_extra"].items():  # the ranks' EMA reached the driver and equals the 1-rank one
+        other = m2["_extra"][key]
+        assert state["updates"] == other["updates"] > 0, key
+        moved = max((s - w0[k]).abs().max().item() for s, k in zip(state["shadow"], w0))
+        assert moved > 1e-5, key  # it followed the step
+        assert max((a - b).abs().max().item() for a, b in zip(state["shadow"], other["shadow"])) < 1e-6, key
