@@ -321,6 +321,9 @@ class ScoredBatch:
     valid: torch.Tensor  # (B,) bool: every applicable component valid
     components: dict[str, RewardOutput] = field(default_factory=dict)  # reward name -> its raw output
     advantages: torch.Tensor | None = None  # (B,)
+    # segment name -> (B,) advantage used for that segment's tokens instead of `advantages`
+    # (reasoning.plan_rewards / image_rewards: each segment credited by the rewards it can change)
+    segment_advantages: dict[str, torch.Tensor] = field(default_factory=dict)
     old_logprobs: torch.Tensor | None = None  # (B, T) the ratio's denominator when not the current policy
     learner_logprobs: torch.Tensor | None = None  # (B, T) the learner's before the update (a no-grad pass)
     ref_logprobs: torch.Tensor | None = None  # (B, T) under the reference model (KL)

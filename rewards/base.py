@@ -219,7 +219,19 @@ class RewardMixture:
             total += spec.weight * torch.where(v, self.transform(spec, out, batch), torch.zeros(()))
         return MixtureOutput(total=total, valid=valid, components=out_comps)
 
-    def transform(self, spec: RewardSpec, out: RewardOutput, batch) -> torch.Tensor:
+    def partial_total(self, batch, comps: dict[str, RewardOutput], names: list[str]) -> torch.Tensor:
+        """The weighted sum of the named components only, each transformed as in `mix` (running
+        statistics read, not updated: `mix` already counted this batch). Components that do not apply to
+        the batch are skipped."""
+        total = torch.zeros(len(batch))
+        for spec in self.applicable(batch.kind):
+            if spec.name in names:
+                out = comps[spec.name]
+                total += spec.weight * torch.where(out.valid, self.transform(spec, out, batch, update=False),
+                                                   torch.zeros(()))
+        return total
+
+    def transform(self, spec: RewardSpec, out: RewardOutput, batch, update: bool = True) -> torch.Tensor:
         """The component as it enters the weighted sum: normalised and clipped as configured."""
         x = out.scores
         mode = spec.normalize
@@ -229,7 +241,8 @@ class RewardMixture:
             x = group_zscore(x, out.valid, batch.group_ids)
         elif mode == "running":
             stats = self.running[spec.name]
-            stats.update(x[out.valid])
+            if update:
+                stats.update(x[out.valid])
             x = (x - stats.mean) / max(stats.std, 1e-6)
         if spec.clip is not None:
             x = x.clamp(spec.clip[0], spec.clip[1])

@@ -23,6 +23,12 @@ class ReasoningConfig:
     image_prompt: str = uf(DEFAULT_IMAGE_PROMPT, "The generation prompt the image is sampled from; `{prompt}` and "
                            "`{plan}` (T2I-R1: '{prompt}. {plan}').")
     temperature: float | None = uf(None, "Plan sampling temperature (null = rollout.temperature; 0 = greedy).", ge=0)
+    plan_rewards: list[str] = uf(help="Names of the rewards whose weighted sum gives the plan segment's advantage "
+                                 "(empty = T2I-R1: the whole mixture, one advantage per trajectory). E.g. "
+                                 "[plan_target]: the plan's tokens are credited only for what the plan says, not "
+                                 "for an image that came out right whatever the plan was.", factory=list)
+    image_rewards: list[str] = uf(help="Names of the rewards whose weighted sum gives the image segment's advantage "
+                                  "(empty = the whole mixture).", factory=list)
 
     def _validate(self, prefix, src):
         for key, names in (("instruction", ("{prompt}",)), ("image_prompt", ("{prompt}", "{plan}"))):

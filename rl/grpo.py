@@ -110,6 +110,16 @@ class GRPOTrainer(Trainer):
         estimator = lookup(ADVANTAGE_ESTIMATORS, g.advantage_estimator, "advantage_estimator")
         sb.advantages, sb.metrics = estimator(sb.rewards, sb.batch.group_ids, sb.valid, g.scale_rewards, g.std_floor,
                                                ddof=g.std_ddof)
+        # reasoning.plan_rewards / image_rewards: a segment's advantage from the rewards its tokens can
+        # change (the plan does not draw the pixels; the image does not write the plan's words)
+        r = getattr(self.cfg, "reasoning", None)
+        segments = getattr(sb.batch, "segments", {})
+        for seg, names in (("plan", r.plan_rewards if r else []), ("image", r.image_rewards if r else [])):
+            if names and seg in segments and "plan" in segments:
+                part = self.rewards.partial_total(sb.batch, sb.components, names)
+                sb.segment_advantages[seg], stats = estimator(part, sb.batch.group_ids, sb.valid, g.scale_rewards,
+                                                              g.std_floor, ddof=g.std_ddof)
+                sb.metrics.update({k.replace("advantage/", f"advantage/{seg}/", 1): v for k, v in stats.items()})
 
     def update(self, scored: list[ScoredBatch]) -> dict:
         """num_iterations passes over the batch, micro-batched, one optimizer step per accumulation group."""
@@ -187,11 +197,11 @@ class GRPOTrainer(Trainer):
                                           g.vllm_importance_sampling_clip_max)
             if it == 0 and share:
                 gap.add(learner_old, b.logprobs(mode), mask, is_w)
-            adv = sb.advantages[idx].to(logp.device)
             loss = logp.new_zeros(())
-            for seg, cols in b.segments.items():  # one advantage per trajectory, a loss per segment
+            for seg, cols in b.segments.items():  # one advantage per trajectory (or per segment), a loss per segment
                 if cols.stop == cols.start:
                     continue
+                adv = sb.segment_advantages.get(seg, sb.advantages)[idx].to(logp.device)
                 m = mask[:, cols]
                 w = is_w[:, cols] if is_w is not None and is_w.shape == mask.shape else is_w
                 per_tok, ratio, kl, clipped = grpo_token_loss(

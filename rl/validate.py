@@ -61,6 +61,7 @@ def validate(cfg: Config):
     check_rewards(cfg, src)
     check_report_to(cfg, src)
     check_unirl(cfg, src)
+    check_segment_rewards(cfg, src)
     section = getattr(trainer, "policy_section", "model")
     model = cfg.flow if section == "flow" and cfg.flow is not None else cfg.model
     check_checkpoint(model.name_or_path, f"{section}.name_or_path", src)
@@ -88,6 +89,23 @@ def check_unirl(cfg, src):
     if u.pair_similarity == "data" and (len(u.similarities) != n or cfg.image_task.prompts_file):
         raise ConfigError(f"{src.where('unirl.similarities')}: key 'unirl.similarities' needs one value per "
                           f"image_task.prompts entry ({n}, no prompts_file), got {len(u.similarities)}")
+
+
+def check_segment_rewards(cfg, src):
+    """reasoning.plan_rewards / image_rewards name configured rewards (grpo: the advantage estimator)."""
+    r = getattr(cfg, "reasoning", None)
+    if r is None:
+        return
+    names = [rc.name for rc in cfg.rewards]
+    for key in ("plan_rewards", "image_rewards"):
+        chosen = getattr(r, key)
+        unknown = [n for n in chosen if n not in names]
+        if unknown:
+            raise ConfigError(f"{src.where(f'reasoning.{key}')}: key 'reasoning.{key}' names {unknown[0]!r}, which is "
+                              f"not a configured reward; rewards: {names}")
+        if chosen and cfg.algorithm != "grpo":
+            raise ConfigError(f"{src.where(f'reasoning.{key}')}: key 'reasoning.{key}' needs algorithm: grpo "
+                              f"(its advantages), got {cfg.algorithm!r}")
 
 
 def check_ranks(cfg, trainer, src):
