@@ -216,7 +216,7 @@ class RewardMixture:
             out = RewardOutput(out.scores.float(), v, out.details)
             out_comps[spec.name] = out
             valid &= v
-            total += spec.weight * torch.where(v, self.transform(spec, out, batch), torch.zeros(()))
+            total += self.weighted(spec, out, batch)
         return MixtureOutput(total=total, valid=valid, components=out_comps)
 
     def partial_total(self, batch, comps: dict[str, RewardOutput], names: list[str]) -> torch.Tensor:
@@ -226,10 +226,12 @@ class RewardMixture:
         total = torch.zeros(len(batch))
         for spec in self.applicable(batch.kind):
             if spec.name in names:
-                out = comps[spec.name]
-                total += spec.weight * torch.where(out.valid, self.transform(spec, out, batch, update=False),
-                                                   torch.zeros(()))
+                total += self.weighted(spec, comps[spec.name], batch, update=False)
         return total
+
+    def weighted(self, spec: RewardSpec, out: RewardOutput, batch, update: bool = True) -> torch.Tensor:
+        """weight x the transformed component, 0 where it is invalid."""
+        return spec.weight * torch.where(out.valid, self.transform(spec, out, batch, update), torch.zeros(()))
 
     def transform(self, spec: RewardSpec, out: RewardOutput, batch, update: bool = True) -> torch.Tensor:
         """The component as it enters the weighted sum: normalised and clipped as configured."""

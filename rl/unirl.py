@@ -71,6 +71,7 @@ def scale_pair_advantages(gen: ScoredBatch, und: ScoredBatch, pairs: list[int], 
     times similarity[g]. A group without a similarity keeps its advantages."""
     gen_scale = torch.tensor([similarity.get(g, 1.0) for g in gen.batch.group_ids.tolist()], dtype=gen.advantages.dtype)
     gen.advantages = gen.advantages * gen_scale
+    gen.segment_advantages = {seg: a * gen_scale for seg, a in gen.segment_advantages.items()}  # reasoning.*_rewards
     per_question = len(und.batch) // max(len(pairs), 1)
     und_scale = torch.tensor([similarity.get(pairs[i // per_question], 1.0) for i in range(len(und.batch))],
                              dtype=und.advantages.dtype)
